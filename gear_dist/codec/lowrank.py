@@ -1,0 +1,71 @@
+"""Low-rank approximation L of the quantization residual by power (subspace) iteration (§1.3).
+
+Batched over any leading dims: every (sequence, head) residual gets its own factors; the
+reference code reuses batch 0's basis for the whole batch, which we do not. Columns are
+orthonormalised by Gram-Schmidt rather than ``torch.linalg.qr``: for rank 2-8 it is a handful of
+vector ops, the same algorithm the GPU kernel runs in registers, and it avoids cuSOLVER's slow
+small batched QR (DESIGN §3, 67 ms per layer-block).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def orthonormalize(q: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Orthonormal columns of ``q [..., n, r]`` by classical Gram-Schmidt, applied twice (CGS2).
+
+    A column that loses all but ``rtol`` of its norm to the previous ones (dependent, or zero)
+    becomes zero instead of amplified rounding noise, so a residual of rank < r yields zero
+    columns and factors carry no garbage.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    cols: list[torch.Tensor] = []
+    for j in range(q.shape[-1]):
+        v = q[..., j]
+        before = v.norm(dim=-1, keepdim=True)
+        for _ in range(2):  # "twice is enough" (Giraud et al., 2005)
+            for u in cols:
+                v = v - (u * v).sum(-1, keepdim=True) * u
+        norm = v.norm(dim=-1, keepdim=True)
+        keep = (norm > rtol * before) & (norm > tiny)
+        cols.append(torch.where(keep, v / norm.clamp_min(tiny), torch.zeros_like(v)))
+    return torch.stack(cols, dim=-1)
+
+
+def init_basis(d: int, rank: int, seed: int, device: torch.device) -> torch.Tensor:
+    """Seeded Gaussian start ``[d, r]``, drawn on the CPU so every device starts identically."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(d, rank, generator=gen).to(device)
+
+
+def power_iteration(
+    e: torch.Tensor, rank: int, iters: int, seed: int = 0, oversample: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``A [..., n, r]``, ``B [..., d, r]`` with ``A @ B.T ~= e [..., n, d]`` (fp32).
+
+    Subspace iteration on ``m = r + oversample`` columns (each pass ``Q = orth(E P)``,
+    ``P = E^T Q``), then Rayleigh-Ritz: the best rank-r approximation of E inside span(Q).
+    Deviation from the paper (r columns, QR on the last pass only): plain 3-pass iteration lands
+    up to 1.1x (1.7x on gapped spectra) above the truncated SVD's error; 4 extra columns bring
+    3 passes within 1.02x (Halko, Martinsson & Tropp, 2011, §4.5). A is orthonormal and
+    ``A B^T`` a projection of E, so ``||E - A B^T|| <= ||E||`` always holds.
+    """
+    e = e.float()
+    *lead, n, d = e.shape
+    m = min(rank + oversample, n, d)
+    p = init_basis(d, m, seed, e.device).expand(*lead, d, m)
+    for _ in range(iters):
+        q = orthonormalize(e @ p)  # [..., n, m]
+        p = e.transpose(-1, -2) @ q  # [..., d, m] = (Q^T E)^T
+    w = top_eigenvectors(p.transpose(-1, -2) @ p, rank)  # [..., m, r]
+    return q @ w, p @ w
+
+
+def top_eigenvectors(gram: torch.Tensor, rank: int) -> torch.Tensor:
+    """The ``rank`` leading eigenvectors of symmetric ``gram [..., m, m]``, signs fixed so the
+    largest entry of each is positive (the same factors on every device)."""
+    _, vecs = torch.linalg.eigh(gram)  # ascending eigenvalues
+    w = vecs[..., -rank:].flip(-1)
+    pivot = w.abs().argmax(-2, keepdim=True)
+    return w * w.gather(-2, pivot).sign()

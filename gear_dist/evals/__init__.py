@@ -1,0 +1,1 @@
+"""Quality measurements: KV fidelity, perplexity, agreement vs fp16, GSM8K, passkey."""
