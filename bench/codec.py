@@ -41,6 +41,7 @@ CONFIGS = [
     ("kivi", "kivi", dict(bits=4)),
     ("gear", "gear", dict(bits=3)),
     ("kcvt", "kcvt", dict(bits=4)),
+    ("gear", "gear", dict(bits=4)),
     ("gear", "gear", dict(bits=4, backbone="kcvt")),  # the paper's 4-bit setting
 ]
 QUICK = {0, 1, 4, 5, 7}

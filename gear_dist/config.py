@@ -2,12 +2,14 @@
 
 Every dataclass validates itself in ``__post_init__`` and raises a ``ValueError`` that names the
 offending field and the allowed values, so a bad Hydra override fails at startup, not mid-run.
+They are plain (not frozen) dataclasses because Hydra merges YAML options into them; build
+changed copies with ``dataclasses.replace`` so validation runs again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 BITS = (2, 3, 4, 8, 16)  # 16 means "no compression" (the fp16 baseline)
@@ -19,7 +21,7 @@ def _require(ok: bool, field: str, message: str) -> None:
         raise ValueError(f"{field}: {message}")
 
 
-@dataclass(frozen=True)
+@dataclass
 class CompressionConfig:
     """One GEAR configuration (DESIGN §1): backbone D, outliers S, low rank L, streaming blocks.
 
@@ -99,3 +101,92 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gear_l": dict(backbone="kivi", outlier_ratio=0.0),
     "gear": dict(backbone="kivi"),
 }
+
+
+MODEL_SOURCES = ("packaged", "pretrained", "random")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load (gear_dist.models): packaged real weights, a path or hub id, or random
+    weights of a named architecture shape."""
+
+    source: str = "packaged"  # packaged | pretrained | random
+    name: str = "smollm2-135m-instruct"  # packaged name, path / hub id, or architecture name
+    dtype: str = "float32"
+    device: str = "auto"  # auto: cuda when available, else cpu
+    num_layers: int = 0  # keep only the first layers (a fast cut of a real model); 0 = all
+    tp: int = 1  # tensor-parallel ranks (gear_dist.parallel)
+    overrides: dict[str, Any] = field(default_factory=dict)  # transformers config fields (random shapes)
+    tokenizer: str = ""  # "" = the model's own; random models borrow the packaged SmolLM2 tokenizer
+
+    def __post_init__(self) -> None:
+        _require(self.source in MODEL_SOURCES, "source", f"{self.source!r} is not one of {MODEL_SOURCES}")
+        _require(bool(self.name), "name", f"must be set: a path or hub id for source={self.source!r}")
+        _require(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        _require(self.num_layers >= 0, "num_layers", f"must be >= 0, got {self.num_layers}")
+        _require(self.tp >= 1, "tp", f"must be >= 1, got {self.tp}")
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+EVAL_TASKS = ("kv", "ppl", "greedy", "gsm8k_nll", "gsm8k_em", "passkey")
+
+
+@dataclass
+class EvalConfig:
+    """The quality harness (gear_dist.evals.harness): which tasks, on how much data."""
+
+    tasks: list[str] = field(default_factory=lambda: ["kv", "ppl", "greedy", "gsm8k_nll", "passkey"])
+    text: str = "wikipedia"  # corpus for kv, ppl, greedy prompts and passkey haystacks
+    kv_tokens: int = 2048  # tokens whose K/V are captured for the kv task
+    ppl_windows: int = 4
+    ppl_context: int = 1024  # tokens per window
+    ppl_prefix: int = 512  # prefilled (compressed) before scoring starts
+    greedy_prompts: int = 2
+    greedy_context: int = 512
+    greedy_tokens: int = 256
+    gsm8k_path: str | None = None  # directory with train.jsonl / test.jsonl; None: ../shared/data/gsm8k
+    gsm8k_problems: int = 16
+    gsm8k_shots: int = 8
+    gsm8k_max_new_tokens: int = 256
+    passkey_contexts: list[int] = field(default_factory=lambda: [512, 1024])
+    passkey_depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    passkey_trials: int = 1
+    batch_size: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(EVAL_TASKS))
+        _require(not unknown, "tasks", f"unknown tasks {unknown}; choose from {EVAL_TASKS}")
+        for name in ("kv_tokens", "ppl_windows", "ppl_context", "greedy_prompts", "greedy_tokens",
+                     "gsm8k_problems", "passkey_trials", "batch_size"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(0 <= self.ppl_prefix < self.ppl_context, "ppl_prefix",
+                 f"must lie in [0, ppl_context={self.ppl_context}), got {self.ppl_prefix}")
+        _require(0 <= self.gsm8k_shots <= 8, "gsm8k_shots", f"must lie in [0, 8], got {self.gsm8k_shots}")
+        _require(all(0.0 <= d <= 1.0 for d in self.passkey_depths), "passkey_depths", "each must lie in [0, 1]")
+
+
+@dataclass
+class Config:
+    """The whole job: one config flows unchanged from eval and sweep to serve (conf/config.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    results_dir: str = "bench/results"
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore; ``conf/config.yaml`` lists ``base_config``
+    first, so every YAML option is type-checked and a misspelt key fails at startup."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="base_config", node=Config)

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from gear_dist.config import ModelConfig
+
 logger = logging.getLogger(__name__)
 
 SOURCES = ("packaged", "pretrained", "random")
@@ -169,3 +171,17 @@ def load_model(
     config = AutoConfig.from_pretrained(path, **overrides)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=DTYPES[dtype], device_map=device)
     return model.eval(), AutoTokenizer.from_pretrained(path)
+
+
+def load(config: ModelConfig):
+    """(model, tokenizer) for a :class:`ModelConfig`. Random-weight models borrow a tokenizer
+    (``config.tokenizer``, default the packaged SmolLM2's) so text tasks and serving still work."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer = load_model(config.source, config.name, dtype=config.dtype, device=config.resolved_device(),
+                                  num_layers=config.num_layers or None, config_overrides=config.overrides)
+    if config.tokenizer:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
+    elif tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(packaged_path())
+    return model, tokenizer

@@ -22,9 +22,8 @@ def test_outliers_reconstruct_exactly_before_lowrank(seed, kind, bits):
     cfg = CompressionConfig.preset("kivi", bits=bits, outlier_ratio=0.05)
     x = synthetic_kv(2, 3, tokens=128, head_dim=64, kind=kind)
     block = compress(x, kind, cfg, rank=0)
-    rows_x = x.transpose(-1, -2) if kind == "key" else x
-    rows_y = block.decompress(torch.float32)
-    rows_y = rows_y.transpose(-1, -2) if kind == "key" else rows_y
+    rows_x = block.spec.to_rows(x)
+    rows_y = block.spec.to_rows(block.decompress(torch.float32))
     idx = block.outlier_index.long()
     got, want = rows_y.gather(-1, idx), rows_x.gather(-1, idx)
     bound = block.outlier_values.float().abs() * 2**-11 + 1e-6
@@ -118,3 +117,13 @@ def test_cuda_equals_cpu(seed, kind):
         else:
             assert (g != t).float().mean() < 1e-3, name  # codes at exact rounding ties may differ
     torch.testing.assert_close(gpu.decompress().cpu(), cpu.decompress(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("backbone, tn", [("kivi", 64), ("kcvt", 256)])
+def test_key_outlier_rows_are_channels_within_a_group(backbone, tn):
+    spec = GearCodec(CompressionConfig.preset("gear", backbone=backbone)).spec("key", 256, 128, prefill=True)
+    assert spec.rows == (256 // tn * 128, tn)
+    x = torch.arange(256 * 128.0).reshape(256, 128)
+    rows = spec.to_rows(x)
+    assert torch.equal(rows[1], x[:tn, 1])  # row 1: channel 1 along the first group's tokens
+    assert torch.equal(spec.from_rows(rows), x)

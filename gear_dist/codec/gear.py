@@ -6,7 +6,7 @@ kept in dequantized form. ``decompress`` is the torch reference that kernels are
 
 Order of operations (per matrix):
 1. outliers: k top and k bottom entries of each row by signed value (keys: a channel along the
-   tokens; values: a token along the channels);
+   tokens of one quantization group; values: a token along the head's channels);
 2. D: min-max statistics over each group tile, taken over valid non-outlier entries only (the
    same statistics as replacing outliers by their row mean, which lies inside the range);
 3. L: rank-r power iteration on the residual ``E = X - D``, zero at outliers and padding;
@@ -89,9 +89,9 @@ def compress(
 
     idx = None
     if spec.outliers_per_side:
-        rows_valid = None if token_valid is None else _rows(token_valid, kind)
-        idx = outliers.select(_rows(xf, kind), spec.outliers_per_side, rows_valid)
-        is_outlier = _unrows(outliers.mask_of(idx, spec.rows[1]), kind)
+        rows_valid = None if token_valid is None else spec.to_rows(token_valid)
+        idx = outliers.select(spec.to_rows(xf), spec.outliers_per_side, rows_valid)
+        is_outlier = spec.from_rows(outliers.mask_of(idx, spec.rows[1]))
         keep = ~is_outlier if keep is None else keep & ~is_outlier
 
     codes, scale, zero = quant.quantize(xf, config.bits, spec.tile, keep)
@@ -107,7 +107,7 @@ def compress(
         approx = approx + _lowrank(block)  # as stored (fp16 factors), so S corrects exactly that
 
     if idx is not None:
-        correction = _rows(xf - approx, kind).gather(-1, idx)
+        correction = spec.to_rows(xf - approx).gather(-1, idx)
         block.outlier_values = correction.half()
         block.outlier_index = idx.to(outliers.index_dtype(spec.rows[1]))
     return block
@@ -120,22 +120,14 @@ def decompress(block: GearBlock, dtype: torch.dtype = torch.float16) -> torch.Te
     if block.lowrank_a is not None:
         out = out + _lowrank(block)
     if block.outlier_values is not None:
-        rows = _rows(out, spec.kind).contiguous()
+        rows = spec.to_rows(out).contiguous()
         rows.scatter_add_(-1, block.outlier_index.long(), block.outlier_values.float())
-        out = _unrows(rows, spec.kind)
+        out = spec.from_rows(rows)
     return out.to(dtype)
 
 
 def _lowrank(block: GearBlock) -> torch.Tensor:
     return block.lowrank_a.float() @ block.lowrank_b.float().transpose(-1, -2)
-
-
-def _rows(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """[..., n, d] -> outlier rows: keys [..., d, n] (a channel along tokens), values as is."""
-    return t.transpose(-1, -2) if kind == "key" else t
-
-
-_unrows = _rows  # the transpose is its own inverse
 
 
 class GearCodec:

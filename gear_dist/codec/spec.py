@@ -24,7 +24,7 @@ KINDS = ("key", "value")
 class GearBlockSpec:
     """Layout of one compressed ``tokens x head_dim`` matrix (one head, one block)."""
 
-    kind: str  # "key": outlier rows are channels along tokens; "value": tokens along channels
+    kind: str  # "key": outlier rows are channels along a group's tokens; "value": tokens along channels
     bits: int
     tile: Tile  # quantization group extent (tokens, channels)
     tokens: int  # n
@@ -42,13 +42,34 @@ class GearBlockSpec:
             raise ValueError(f"rank: {rank} exceeds min(tokens={tokens}, head_dim={head_dim})")
         packed_dim(head_dim, config.bits)  # validates head_dim
         tile = group_tile(config.backbone, kind, tokens, head_dim, config.group_size)
-        k = outliers_per_side(config.outlier_ratio, tokens if kind == "key" else head_dim)
+        k = outliers_per_side(config.outlier_ratio, tile[0] if kind == "key" else head_dim)
         return cls(kind, config.bits, tile, tokens, head_dim, rank, k)
 
     @property
     def rows(self) -> tuple[int, int]:
-        """(number of outlier rows, row length)."""
-        return (self.head_dim, self.tokens) if self.kind == "key" else (self.tokens, self.head_dim)
+        """(number of outlier rows, row length). A key row is one channel along the tokens of
+        one quantization group (all the block's tokens for KCVT/uniform), so a page's outliers
+        split into the same token tiles as its statistics and a kernel handles each tile alone;
+        a value row is one token along its head's channels."""
+        if self.kind == "key":
+            return (self.tokens // self.tile[0] * self.head_dim, self.tile[0])
+        return (self.tokens, self.head_dim)
+
+    def to_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """[..., n, d] -> [..., rows, row length] (see :attr:`rows`)."""
+        if self.kind == "value":
+            return t
+        *lead, n, d = t.shape
+        tn = self.tile[0]
+        return t.reshape(*lead, n // tn, tn, d).transpose(-1, -2).reshape(*lead, n // tn * d, tn)
+
+    def from_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_rows`."""
+        if self.kind == "value":
+            return t
+        *lead, _, tn = t.shape
+        n, d = self.tokens, self.head_dim
+        return t.reshape(*lead, n // tn, d, tn).transpose(-1, -2).reshape(*lead, n, d)
 
     def shapes(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Every stored component of one matrix: name -> (shape, dtype). Empty ones are omitted."""
@@ -85,7 +106,7 @@ def formula_bits_per_element(config: CompressionConfig, kind: str, tokens: int, 
     """
     n, d = tokens, head_dim
     tn, tc = group_tile(config.backbone, kind, n, d, config.group_size)
-    rows, length = (d, n) if kind == "key" else (n, d)
+    rows, length = (n // tn * d, tn) if kind == "key" else (n, d)
     k = outliers_per_side(config.outlier_ratio, length)
     index_bits = 8 * index_dtype(length).itemsize
     outlier_fraction = 2 * k * rows / (n * d)
