@@ -60,11 +60,17 @@ def record(kind: str, rows: list[dict[str, Any]], command: str | None = None, **
     }
 
 
-def markdown(rows: list[dict[str, Any]], columns: list[str], floatfmt: str = ".4g") -> str:
-    """A GitHub markdown table of ``rows`` restricted to ``columns`` (for READMEs and reports)."""
-    import pandas as pd
+def markdown(rows: list[dict[str, Any]], columns: list[str], digits: int = 4) -> str:
+    """A GitHub markdown table of ``rows`` restricted to ``columns`` (missing cells blank)."""
 
-    return pd.DataFrame(rows)[columns].to_markdown(index=False, floatfmt=floatfmt)
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return "nan" if v != v else f"{v:.{digits}g}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def write(result: dict[str, Any], out_dir: str | Path = "bench/results", suffix: str = "") -> Path:

@@ -6,14 +6,17 @@ Registered under the name ``gear`` in transformers' ``AttentionInterface`` (and,
 then lets the layer compress the blocks the step filled. K/V that carry no tag (no GEAR cache,
 or a plain ``DynamicCache``) go to transformers' own ``sdpa`` unchanged.
 
-Torch reference path: the layer's pages are decompressed for this one layer and fed to SDPA
-(eager math when the model uses logit soft-capping).
+Two paths, chosen by ``gear_dist.kernels.use_kernels``: the Triton decode kernel reads the pages
+directly (one query token, CUDA by default); the torch reference decompresses this one layer's
+pages and feeds them to SDPA (eager math when the model uses logit soft-capping).
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+
+from gear_dist import kernels
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -25,8 +28,16 @@ def gear_attention_forward(module, query, key, value, attention_mask, dropout: f
     layer = getattr(key, "gear_layer", None)
     if layer is None:
         return _attend(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    keys, values = layer.materialize()
-    out = _attend(module, query, keys, values, attention_mask, dropout, scaling, **kwargs)
+    if kernels.active(query.device) and layer.kernel_ready(query, dropout, kwargs.get("softcap")):
+        from gear_dist.kernels.decode_attention import gear_decode_attention
+
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        out = gear_decode_attention(query[:, :, 0], layer.paged(), scale)  # [B, Hq, D]
+        kernels.launches["decode_attention"] += 1
+        out = (out[:, None], None)  # transformers' layout: [B, q_len, Hq, D]
+    else:
+        keys, values = layer.materialize()
+        out = _attend(module, query, keys, values, attention_mask, dropout, scaling, **kwargs)
     layer.commit(attention_mask)
     return out
 

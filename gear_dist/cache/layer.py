@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from gear_dist.codec import compress, decompress
+from gear_dist import kernels
 from gear_dist.cache.pool import PagePool
+from gear_dist.codec import compress, decompress
 from gear_dist.config import CompressionConfig
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,9 @@ class GearLayer(CacheLayerMixin):
         self.tail_k = key_states.new_empty((b, h, 0, d))
         self.tail_v = value_states.new_empty((b, h, 0, d))
         self.tail_valid = torch.empty((b, 0), dtype=torch.bool, device=self.device)
+        self.valid_from = torch.zeros(b, dtype=torch.int32, device=self.device)  # left padding ends here
+        self.found_real = torch.zeros(b, dtype=torch.bool, device=self.device)
+        self.prefix_padding = True  # padding seen so far is a prefix (what the GPU kernel handles)
         self._clear()
         self.is_initialized = True
 
@@ -170,14 +174,52 @@ class GearLayer(CacheLayerMixin):
         """After the step's attention: record which new tokens are real, compress full blocks,
         drop pages a sliding window no longer sees."""
         q, self.pending = self.pending, 0
-        self.tail_valid = torch.cat([self.tail_valid, _new_token_validity(attention_mask, q, self.batch_size)
-                                     .to(self.device)], dim=-1)
+        valid = _new_token_validity(attention_mask, q, self.batch_size).to(self.device)
+        self._track_padding(valid)
+        self.tail_valid = torch.cat([self.tail_valid, valid], dim=-1)
         if self.compression.compressed:
             if q > 1:
                 self._compress_front("prefill")
             self._compress_front("decode")
         if self.is_sliding:
             self._slide()
+
+    def kernel_ready(self, query: torch.Tensor, dropout: float, softcap) -> bool:
+        """Whether this step's attention can run in the decode kernel (else the torch reference)."""
+        return (self.compression.compressed and query.shape[2] == 1 and dropout == 0.0 and softcap is None
+                and self.prefix_padding
+                and all(kernels.supports(self.compression, p.tokens, self.head_dim) for p in self.pools.values()))
+
+    def paged(self) -> "PagedKV":
+        """The layer as the decode kernel reads it: per pool, page tables in position order;
+        a sliding window moves where each sequence's visible tokens begin."""
+        from gear_dist.kernels.decode_attention import PagedKV
+
+        b, dev = self.batch_size, self.device
+        pools = []
+        for name, pool in self.pools.items():
+            segs = [s for s in self.segments if s.pool == name]
+            table = torch.stack([s.ids for s in segs], 1).int() if segs else torch.zeros(b, 0, dtype=torch.int32, device=dev)
+            pos = torch.tensor([s.start for s in segs], dtype=torch.int32, device=dev).expand(b, len(segs)).contiguous()
+            pools.append((pool, table, pos, torch.full((b,), len(segs), dtype=torch.int32, device=dev)))
+        full = lambda v: torch.full((b,), v, dtype=torch.int32, device=dev)  # noqa: E731
+        valid_from = self.valid_from
+        if self.is_sliding:  # the query at position length-1 sees positions >= length - window
+            valid_from = torch.clamp(valid_from, min=self.length - self.sliding_window)
+        return PagedKV(pools, self.tail_k, self.tail_v, full(self.tail_k.shape[-2]), full(self.tail_start),
+                       valid_from)
+
+    def _track_padding(self, valid: torch.Tensor) -> None:
+        """Keep ``valid_from`` (first real position of each sequence) and whether all padding
+        seen is a prefix, the only kind the decode kernel masks (left padding always is)."""
+        q = valid.shape[1]
+        start = self.length - q
+        any_real = valid.any(1)
+        first = torch.where(any_real, valid.int().argmax(1), q) + start
+        self.valid_from = torch.where(self.found_real, self.valid_from, first.int())
+        positions = torch.arange(start, start + q, device=self.device)
+        self.prefix_padding &= bool((valid == (positions[None, :] >= self.valid_from[:, None])).all())
+        self.found_real |= any_real
 
     def nbytes(self) -> int:
         """Bytes really held: every pool tensor plus the fp16 tail."""
@@ -207,10 +249,17 @@ class GearLayer(CacheLayerMixin):
             return t[..., :cut, :].reshape(b, h, count, n, d).transpose(1, 2)
 
         valid = self.tail_valid[:, :cut].reshape(b, count, 1, n)
-        compressed = {kind: compress(blocks(t), kind, self.compression, pool.rank, valid)
-                      for kind, t in (("key", self.tail_k), ("value", self.tail_v))}
         ids = pool.allocate(b * count).reshape(b, count)
-        pool.write(ids, compressed)
+        if kernels.active(self.device) and kernels.supports(self.compression, n, d):
+            from gear_dist.kernels.compress import compress_into_pool
+
+            for kind, t in (("key", self.tail_k), ("value", self.tail_v)):
+                compress_into_pool(blocks(t).reshape(b * count, h, n, d), kind, pool, ids.reshape(-1),
+                                   valid.reshape(b * count, n))
+            kernels.launches["compress"] += 2
+        else:
+            pool.write(ids, {kind: compress(blocks(t), kind, self.compression, pool.rank, valid)
+                             for kind, t in (("key", self.tail_k), ("value", self.tail_v))})
         for j in range(count):
             self.segments.append(Segment(pool_name, ids[:, j], self.tail_start + j * n, n))
         self.tail_k, self.tail_v = self.tail_k[..., cut:, :].clone(), self.tail_v[..., cut:, :].clone()
@@ -248,6 +297,8 @@ class GearLayer(CacheLayerMixin):
         self.tail_k = self.tail_k.index_select(0, index)
         self.tail_v = self.tail_v.index_select(0, index)
         self.tail_valid = self.tail_valid.index_select(0, index)
+        self.valid_from = self.valid_from.index_select(0, index)
+        self.found_real = self.found_real.index_select(0, index)
 
     def _slide(self) -> None:
         """Drop pages the next query can no longer see (it attends the last ``window`` positions)."""

@@ -90,7 +90,8 @@ def quantize(
     zero = _fp16_down(lo)
     span = hi - zero.float()
     scale = _fp16_up(torch.where(span > 0, span / levels, torch.ones_like(span)))  # guard max == min
-    codes = ((t - zero.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, levels)
+    # floor(x + 0.5), not round-half-even: the GPU kernel computes the same codes at ties
+    codes = ((t - zero.float()[..., None]) / scale.float()[..., None]).add_(0.5).floor_().clamp_(0, levels)
     return _untiles(codes.to(torch.uint8), tile), scale, zero
 
 

@@ -1,0 +1,203 @@
+"""GPU kernel benchmark: GEAR decode attention vs fp16 SDPA, and block compression speed.
+
+One device call: (1) correctness of both kernels against their torch references on fresh random
+inputs (relative error <= 1e-2 in fp16, never NaN); (2) decode attention timings (CUDA events
+via triton.testing.do_bench, median, L2 flushed) for GQA 32q/8kv, d=128, over batch x context
+cases, for 2-bit gear / gear_l / kivi and 4-bit gear, against
+``torch.nn.functional.scaled_dot_product_attention`` on fp16 K/V; achieved bandwidth over the
+bytes really held, next to the measured device-to-device copy bandwidth; (3) compression:
+one 64-token block for all heads of a layer at batch 64, and a 16k-token prompt.
+
+    python bench/kernels.py --out bench/results        # prints a table, writes kernels-<device>-<date>.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+
+from gear_dist import results
+from gear_dist.cache import GearLayer, PagePool
+from gear_dist.codec import compress
+from gear_dist.config import CompressionConfig
+from gear_dist.evals.synthetic import synthetic_kv
+from gear_dist.kernels.compress import compress_into_pool
+from gear_dist.kernels.decode_attention import PagedKV, decode_attention_reference, gear_decode_attention
+
+HQ, HKV, D = 32, 8, 128
+CASES = [(16, 1024), (16, 4096), (16, 16384), (8, 32768), (64, 4096)]
+METHODS = {
+    "gear": CompressionConfig.preset("gear"),
+    "gear_l": CompressionConfig.preset("gear_l"),
+    "kivi": CompressionConfig.preset("kivi"),
+    "gear_4bit": CompressionConfig.preset("gear", bits=4, name="gear_4bit"),
+}
+TAIL = 32  # fp16 tokens not yet compressed (a decode block fills to 64)
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy of 1 GiB, bytes read + written per second (GB/s)."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / bench_ms(lambda: dst.copy_(src)) / 1e6
+
+
+def random_pages(cfg: CompressionConfig, pages: int) -> PagePool:
+    """A prefill-page pool with random contents of the right format (timing needs no real K/V)."""
+    pool = PagePool(cfg, cfg.prefill_block_size, cfg.rank_prefill, HKV, D, "cuda", capacity=pages)
+    for kind, parts in pool.storage.items():
+        spec = pool.specs[kind]
+        for name, t in parts.items():
+            if name == "codes":
+                t.random_(0, 256)
+            elif name == "outlier_index":
+                t.random_(0, spec.rows[1])
+            elif name == "scale":
+                t.uniform_(1e-3, 2e-2)
+            else:
+                t.normal_(0, 0.1)
+    return pool
+
+
+def paged_cache(cfg: CompressionConfig, batch: int, context: int) -> tuple[PagedKV, int]:
+    """A cache of ``context`` tokens per sequence in prefill pages plus an fp16 tail; its bytes."""
+    per_seq = context // cfg.prefill_block_size
+    pool = random_pages(cfg, batch * per_seq)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    table = torch.arange(batch * per_seq, **i32).reshape(batch, per_seq)
+    pos = (torch.arange(per_seq, **i32) * cfg.prefill_block_size).expand(batch, per_seq).contiguous()
+    tk = torch.randn(batch, HKV, TAIL, D, dtype=torch.float16, device="cuda")
+    kv = PagedKV([(pool, table, pos, torch.full((batch,), per_seq, **i32))], tk, torch.randn_like(tk),
+                 torch.full((batch,), TAIL, **i32), torch.full((batch,), context, **i32), torch.zeros(batch, **i32))
+    return kv, pool.nbytes + 2 * tk.numel() * tk.element_size()
+
+
+def correctness() -> list[dict]:
+    """Both kernels against their torch references on real compression of fresh random K/V."""
+    rows = []
+    for name, cfg in METHODS.items():
+        layer = GearLayer(cfg)
+        k = synthetic_kv(4, HKV, tokens=2048 + 37, head_dim=D, kind="key").cuda().half()
+        v = synthetic_kv(4, HKV, tokens=2048 + 37, head_dim=D, kind="value").cuda().half()
+        layer.update(k, v)
+        mask = torch.ones(4, 1, 1, 2048 + 37, dtype=torch.bool, device="cuda")
+        mask[1, ..., :100] = False  # left padding of one sequence
+        layer.commit(mask)  # prefill pages through the compression kernel
+        kv = layer.paged()
+        q = torch.randn(4, HQ, D, dtype=torch.float16, device="cuda")
+        out = gear_decode_attention(q, kv, D**-0.5)
+        ref = decode_attention_reference(q, kv, D**-0.5)
+        attn_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        x = k[:, :, :256]  # compression kernel vs codec on the same blocks
+        pools = [PagePool(cfg, 256, cfg.rank_prefill, HKV, D, "cuda", capacity=4) for _ in range(2)]
+        ids = torch.arange(4, device="cuda")
+        pools[0].write(ids, {"key": compress(x, "key", cfg, cfg.rank_prefill)})
+        compress_into_pool(x, "key", pools[1], ids)
+        a, b = (p.read(ids)["key"].decompress(torch.float32) for p in pools)
+        comp_err = ((a - b).norm() / a.norm()).item()
+        rows.append(dict(method=name, bits=cfg.bits, check="decode_attention", rel_err=attn_err,
+                         nan=bool(torch.isnan(out).any())))
+        rows.append(dict(method=name, bits=cfg.bits, check="compress", rel_err=comp_err,
+                         nan=bool(torch.isnan(b).any())))
+    return rows
+
+
+def decode_timings(copy_gbps: float) -> list[dict]:
+    rows = []
+    for batch, context in CASES:
+        k = torch.randn(batch, HKV, context + TAIL, D, dtype=torch.float16, device="cuda")
+        v = torch.randn_like(k)
+        q = torch.randn(batch, HQ, 1, D, dtype=torch.float16, device="cuda")
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+        fp16_ms = bench_ms(sdpa)
+        fp16_bytes = 2 * k.numel() * k.element_size()
+        rows.append(dict(method="fp16", bits=16, batch=batch, context=context, ms=fp16_ms, fp16_ms=fp16_ms,
+                         speedup=1.0, gbps=fp16_bytes / fp16_ms / 1e6, bytes=fp16_bytes, bits_per_element=16.0,
+                         copy_fraction=fp16_bytes / fp16_ms / 1e6 / copy_gbps))
+        del k, v
+        for name, cfg in METHODS.items():
+            kv, nbytes = paged_cache(cfg, batch, context)
+            qd = q[:, :, 0]
+            ms = bench_ms(lambda: gear_decode_attention(qd, kv, D**-0.5))
+            gbps = nbytes / ms / 1e6
+            rows.append(dict(method=name, bits=cfg.bits, batch=batch, context=context, ms=ms, fp16_ms=fp16_ms,
+                             speedup=fp16_ms / ms, gbps=gbps, bytes=nbytes, copy_fraction=gbps / copy_gbps,
+                             bits_per_element=8 * nbytes / (2 * batch * HKV * (context + TAIL) * D)))
+            del kv
+        torch.cuda.empty_cache()
+    return rows
+
+
+def compression_timings(decode_rows: list[dict]) -> list[dict]:
+    """One decode block (64 tokens) for all heads of a layer at batch 64, vs that layer's decode
+    attention at 64 x 4k; and a 16k-token prompt compressed into prefill pages."""
+    rows = []
+    attn = {r["method"]: r["ms"] for r in decode_rows if (r["batch"], r["context"]) == (64, 4096)}
+    for name, cfg in METHODS.items():
+        for label, batch, tokens, page, rank in (("decode_block", 64, 64, cfg.block_size, cfg.rank),
+                                                  ("prefill_16k", 1, 16384, cfg.prefill_block_size, cfg.rank_prefill)):
+            blocks = batch * tokens // page
+            x = {kind: synthetic_kv(blocks, HKV, tokens=page, head_dim=D, kind=kind).cuda().half()
+                 for kind in ("key", "value")}
+            pool = PagePool(cfg, page, rank, HKV, D, "cuda", capacity=blocks)
+            ids = torch.arange(blocks, device="cuda")
+
+            def run():
+                for kind in ("key", "value"):
+                    compress_into_pool(x[kind], kind, pool, ids)
+
+            ms = bench_ms(run)
+            torch_ms = bench_ms(lambda: [compress(x[kind], kind, cfg, rank) for kind in x])
+            row = dict(method=name, bits=cfg.bits, case=label, batch=batch, new_tokens=tokens, ms=ms,
+                       torch_ms=torch_ms, tok_s=batch * tokens / ms * 1e3)
+            if label == "decode_block":
+                row["attention_ms"] = attn[name]
+                row["fraction_of_attention"] = ms / attn[name]
+                row["fraction_of_fp16_attention"] = ms / attn["fp16"]
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    copy_gbps = copy_bandwidth()
+    checks = correctness()
+    decode = decode_timings(copy_gbps)
+    comp = compression_timings(decode)
+    for r in decode:
+        r["kind_of_row"] = "decode"
+    for r in comp:
+        r["kind_of_row"] = "compress"
+    for r in checks:
+        r["kind_of_row"] = "check"
+    result = results.record("kernels", checks + decode + comp, copy_gbps=copy_gbps,
+                            config={n: vars(c) for n, c in METHODS.items()})
+    path = results.write(result, args.out)
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s\n")
+    print(results.markdown(checks, ["method", "bits", "check", "rel_err", "nan"]))
+    print()
+    print(results.markdown(decode, ["method", "bits", "batch", "context", "ms", "fp16_ms", "speedup", "gbps",
+                                    "copy_fraction", "bits_per_element"]))
+    print()
+    print(results.markdown(comp, ["method", "case", "batch", "new_tokens", "ms", "torch_ms", "tok_s",
+                                  "fraction_of_attention", "fraction_of_fp16_attention"]))
+    print(f"\nwrote {path}")
+    ok = all(r["rel_err"] <= 1e-2 and not r["nan"] for r in checks)
+    print(json.dumps({"correct": ok, "path": str(path)}))
+    if not ok or any(math.isnan(r["ms"]) for r in decode):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

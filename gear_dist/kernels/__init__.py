@@ -1,0 +1,65 @@
+"""Triton kernels over GEAR pages (decode attention, block compression), each tested against its
+torch reference.
+
+``use_kernels(mode)`` is the one switch between the two paths: ``auto`` (default, or
+``$GEAR_DIST_KERNELS``) runs the kernels on CUDA tensors and the torch reference elsewhere;
+``on`` forces the kernels (on a CPU only under ``TRITON_INTERPRET=1``, as CI checks them);
+``off`` forces the reference. ``launches`` counts kernel launches by name, so a run can show
+which path it took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+
+import torch
+
+from gear_dist.config import CompressionConfig
+
+MODES = ("auto", "on", "off")
+launches: Counter[str] = Counter()
+_mode = os.environ.get("GEAR_DIST_KERNELS", "auto")
+
+
+def use_kernels(mode: str) -> None:
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"kernels: {mode!r} is not one of {MODES}")
+    _mode = mode
+
+
+@contextlib.contextmanager
+def kernels_mode(mode: str):
+    """Temporarily switch the path (tests, benchmarks)."""
+    previous = _mode
+    use_kernels(mode)
+    try:
+        yield
+    finally:
+        use_kernels(previous)
+
+
+def active(device: torch.device) -> bool:
+    """Whether work on ``device`` takes the kernel path."""
+    if _mode == "off":
+        return False
+    if device.type == "cuda":
+        return True
+    if _mode == "on":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("kernels: 'on' for CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)")
+        return True
+    return False
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def supports(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
+    """Formats the kernels implement: the KIVI backbone, power-of-two page and head sizes."""
+    return (config.compressed and config.backbone == "kivi" and _pow2(tokens) and _pow2(head_dim)
+            and _pow2(config.group_size) and head_dim >= 16 and tokens % config.group_size == 0
+            and head_dim % config.group_size == 0)

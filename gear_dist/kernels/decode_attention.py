@@ -1,0 +1,310 @@
+"""Decode attention read straight from GEAR pages: no fp16 K/V is ever written to memory.
+
+Flash-decoding (Dao et al., 2023) with split-K over pages, per 64-token tile of a page:
+
+    q.K^T = q.D^T + (q.B_k) A_k^T + q.S_k^T        p.V = p.D_v + (p.A_v) B_v^T + p.S_v
+
+- D: packed codes are unpacked in registers (planar layout, codec/quant.py) and dequantized with
+  the tile's fp16 scale/minimum, then multiplied on the tensor cores;
+- L: ``q.B_k`` is formed once per page (r multiply-adds per channel), ``p.A_v`` is accumulated
+  over the page's tiles and expanded through ``B_v`` at the page's end;
+- S: outlier rows have a fixed length, so the row of each stored entry is known from its slot
+  and only its position needs a one-hot: ``q.S_k^T = (q x s) . onehot(token)`` and
+  ``p.S_v = (p x s) . onehot(channel)``, two small tensor-core products.
+
+One launch per page pool writes per-split partials (running max, sum, output); a second kernel
+merges them with the fp16 tail (fewer than ``block_size`` tokens) and normalises.
+
+File order as Triton's fused-attention tutorial: helpers, kernels, launcher, torch reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from gear_dist.codec import decompress
+
+if TYPE_CHECKING:
+    from gear_dist.cache.pool import PagePool
+
+
+# -- helpers ---------------------------------------------------------------------------------
+@triton.jit
+def _unpack_tile(ptr, tok, BITS: tl.constexpr, D: tl.constexpr):
+    """Codes [len(tok), D] (int32) of rows ``tok`` of a planar-packed [tokens, D*BITS/8] page.
+
+    Channel c is code plane i = c // (D/8), column j = c % (D/8); its bits start at BITS*i in a
+    word of BITS byte planes, so it sits in byte plane BITS*i//8 at shift BITS*i%8 (BITS=3
+    straddles two byte planes for some planes)."""
+    W: tl.constexpr = D // 8
+    ROW: tl.constexpr = D * BITS // 8
+    c = tl.arange(0, D)
+    bitpos = BITS * (c // W)
+    byte = (bitpos // 8) * W + c % W
+    shift = bitpos % 8
+    raw = tl.load(ptr + tok[:, None] * ROW + byte[None, :]).to(tl.int32)
+    codes = raw >> shift[None, :]
+    if BITS == 3:  # planes 2 and 5 spill into the next byte plane
+        spill = (shift + BITS) > 8
+        hi = tl.load(ptr + tok[:, None] * ROW + byte[None, :] + W, mask=spill[None, :], other=0).to(tl.int32)
+        codes = codes | (hi << (8 - shift[None, :]))
+    return codes & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _pages_kernel(
+    Q, stride_qb, stride_qh,
+    KC, KS, KZ, KA, KB, KOV, KOI,
+    VC, VS, VZ, VA, VB, VOV, VOI,
+    TABLE, POS, NPAGES, VALID_FROM, stride_tb,
+    M_OUT, L_OUT, ACC_OUT, split_offset, splits_total,
+    H_KV: tl.constexpr, GQA: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+    PAGE: tl.constexpr, G: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr,
+    KO: tl.constexpr, KO_PAD: tl.constexpr, VO: tl.constexpr, VO_PAD: tl.constexpr, PPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // H_KV
+    h = pid % H_KV
+    dt = Q.dtype.element_ty
+
+    # per-head strides inside a page (pool tensors are contiguous [pages, H_KV, ...])
+    CODES: tl.constexpr = PAGE * D * BITS // 8
+    KSTAT: tl.constexpr = PAGE // G * D
+    VSTAT: tl.constexpr = PAGE * (D // G)
+    LRA: tl.constexpr = PAGE * RANK
+    LRB: tl.constexpr = D * RANK
+    KOUT: tl.constexpr = PAGE // G * D * KO
+    VOUT: tl.constexpr = PAGE * VO
+
+    rows = tl.arange(0, M_PAD)
+    row_ok = rows < GQA
+    offs_d = tl.arange(0, D)
+    offs_t = tl.arange(0, G)
+    offs_r = tl.arange(0, R_PAD)
+    q_ptrs = Q + b * stride_qb + (h * GQA + rows)[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [M, D], pre-scaled by the softmax scale
+    valid_from = tl.load(VALID_FROM + b)
+
+    m_i = tl.full([M_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([M_PAD], tl.float32)
+    acc = tl.zeros([M_PAD, D], tl.float32)
+
+    npages = tl.load(NPAGES + b)
+    first = split * PPS
+    last = tl.minimum(first + PPS, npages)
+    for p in range(first, last):
+        page = tl.load(TABLE + b * stride_tb + p).to(tl.int64)
+        pos0 = tl.load(POS + b * stride_tb + p)
+        ph = page * H_KV + h
+        if RANK > 0:
+            r_ok = offs_r < RANK
+            bk = tl.load(KB + ph * LRB + offs_d[:, None] * RANK + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+            qb = tl.sum(q.to(tl.float32)[:, :, None] * bk.to(tl.float32)[None, :, :], axis=1)  # [M, R]
+            bv = tl.load(VB + ph * LRB + offs_d[:, None] * RANK + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+            pa = tl.zeros([M_PAD, R_PAD], tl.float32)
+        for g in tl.static_range(PAGE // G):
+            tok = g * G + offs_t
+            # -- scores q.K^T of this tile
+            kcodes = _unpack_tile(KC + ph * CODES, tok, BITS, D)
+            ks = tl.load(KS + ph * KSTAT + g * D + offs_d).to(tl.float32)
+            kz = tl.load(KZ + ph * KSTAT + g * D + offs_d).to(tl.float32)
+            k = (kcodes.to(tl.float32) * ks[None, :] + kz[None, :]).to(dt)
+            s = tl.dot(q, tl.trans(k))  # [M, G] fp32
+            if RANK > 0:
+                ak = tl.load(KA + ph * LRA + tok[:, None] * RANK + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+                s += tl.sum(qb[:, None, :] * ak.to(tl.float32)[None, :, :], axis=2)
+            if KO > 0:  # entry (c, j) of group g: row c is its slot, the token is its index
+                j = tl.arange(0, KO_PAD)
+                e_ok = (j < KO)[None, :]
+                base = KOV + ph * KOUT + g * D * KO
+                vals = tl.load(base + offs_d[:, None] * KO + j[None, :], mask=e_ok, other=0.0)
+                idx = tl.load(KOI + ph * KOUT + g * D * KO + offs_d[:, None] * KO + j[None, :], mask=e_ok, other=255)
+                w = q.to(tl.float32)[:, :, None] * vals.to(tl.float32)[None, :, :]  # [M, D, KO]
+                w = tl.reshape(w, (M_PAD, D * KO_PAD))
+                onehot = tl.reshape(idx.to(tl.int32), (D * KO_PAD,))[:, None] == offs_t[None, :]
+                s += tl.dot(w.to(dt), onehot.to(dt))
+            pos = pos0 + tok
+            s = tl.where((pos >= valid_from)[None, :], s, float("-inf"))
+            # -- online softmax
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            prob = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(prob, axis=1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+            # -- p.V of this tile
+            vcodes = _unpack_tile(VC + ph * CODES, tok, BITS, D)
+            vstat = ph * VSTAT + tok[:, None] * (D // G) + (offs_d // G)[None, :]
+            v = (vcodes.to(tl.float32) * tl.load(VS + vstat).to(tl.float32) + tl.load(VZ + vstat).to(tl.float32)).to(dt)
+            acc += tl.dot(prob.to(dt), v)
+            if RANK > 0:
+                av = tl.load(VA + ph * LRA + tok[:, None] * RANK + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+                pa = pa * alpha[:, None] + tl.sum(prob[:, :, None] * av.to(tl.float32)[None, :, :], axis=1)
+            if VO > 0:  # entry (t, j): row t is its slot, the channel is its index
+                j = tl.arange(0, VO_PAD)
+                e_ok = (j < VO)[None, :]
+                vals = tl.load(VOV + ph * VOUT + tok[:, None] * VO + j[None, :], mask=e_ok, other=0.0)
+                idx = tl.load(VOI + ph * VOUT + tok[:, None] * VO + j[None, :], mask=e_ok, other=255)
+                pw = prob[:, :, None] * vals.to(tl.float32)[None, :, :]  # [M, G, VO]
+                pw = tl.reshape(pw, (M_PAD, G * VO_PAD))
+                onehot = tl.reshape(idx.to(tl.int32), (G * VO_PAD,))[:, None] == offs_d[None, :]
+                acc += tl.dot(pw.to(dt), onehot.to(dt))
+        if RANK > 0:  # the page's low-rank part of p.V: (p.A_v) B_v^T
+            acc += tl.sum(pa[:, None, :] * bv.to(tl.float32)[None, :, :], axis=2)
+
+    out = (b * (H_KV * GQA) + h * GQA + rows) * splits_total + split_offset + split
+    tl.store(M_OUT + out, m_i, mask=row_ok)
+    tl.store(L_OUT + out, l_i, mask=row_ok)
+    tl.store(ACC_OUT + out[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _combine_kernel(
+    Q, stride_qb, stride_qh, M_IN, L_IN, ACC_IN, splits_total,
+    TK, TV, stride_tb, stride_th, TAIL_LEN, TAIL_POS, VALID_FROM, OUT,
+    H_Q: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, T_PAD: tl.constexpr,
+):
+    """Merge the split partials with the fp16 tail, normalise, write [B, H_Q, D]."""
+    b = tl.program_id(0)
+    hq = tl.program_id(1)
+    h = hq // GQA
+    offs_d = tl.arange(0, D)
+    offs_s = tl.arange(0, S_PAD)
+    s_ok = offs_s < splits_total
+    row = (b * H_Q + hq) * splits_total + offs_s
+    m = tl.load(M_IN + row, mask=s_ok, other=float("-inf"))
+    lsum = tl.load(L_IN + row, mask=s_ok, other=0.0)
+    acc = tl.load(ACC_IN + row[:, None] * D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+
+    q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_d).to(tl.float32)
+    offs_t = tl.arange(0, T_PAD)
+    t_ok = (offs_t < tl.load(TAIL_LEN + b)) & (tl.load(TAIL_POS + b) + offs_t >= tl.load(VALID_FROM + b))
+    tail = b * stride_tb + h * stride_th + offs_t[:, None] * D + offs_d[None, :]
+    tk = tl.load(TK + tail, mask=t_ok[:, None], other=0.0).to(tl.float32)
+    st = tl.where(t_ok, tl.sum(q[None, :] * tk, axis=1), float("-inf"))
+
+    m_all = tl.maximum(tl.max(m, axis=0), tl.max(st, axis=0))
+    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+    w = tl.exp(m - m_all)
+    pt = tl.exp(st - m_all)
+    tv = tl.load(TV + tail, mask=t_ok[:, None], other=0.0).to(tl.float32)
+    total = tl.sum(lsum * w, axis=0) + tl.sum(pt, axis=0)
+    o = tl.sum(acc * w[:, None], axis=0) + tl.sum(pt[:, None] * tv, axis=0)
+    o = o / tl.where(total > 0, total, 1.0)
+    tl.store(OUT + (b * H_Q + hq) * D + offs_d, o.to(OUT.dtype.element_ty))
+
+
+# -- launcher --------------------------------------------------------------------------------
+@dataclass
+class PagedKV:
+    """What decode attention reads for one layer: page pools with per-sequence tables, the
+    fp16 tail, and where each sequence's real tokens begin (left padding)."""
+
+    pools: list[tuple["PagePool", torch.Tensor, torch.Tensor, torch.Tensor]]  # pool, table [B, P], pos [B, P], npages [B]
+    tail_k: torch.Tensor  # [B, H_kv, T, D]
+    tail_v: torch.Tensor
+    tail_len: torch.Tensor  # [B] int32
+    tail_pos: torch.Tensor  # [B] int32: absolute position of each tail's first token
+    valid_from: torch.Tensor  # [B] int32: positions before this are padding
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(x - 1, 0).bit_length()
+
+
+def _num_splits(work: int, max_pages: int, device: torch.device) -> int:
+    """Enough (sequence, head, split) programs to fill the GPU about four times over."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return max(1, min(max_pages, -(-4 * sms // max(work, 1))))
+
+
+def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.Tensor:
+    """Attention of one query token per sequence, ``q [B, H_q, D]``, over a layer's GEAR
+    pages and fp16 tail. Returns ``[B, H_q, D]`` in ``q``'s dtype."""
+    bsz, hq, d = q.shape
+    h_kv = kv.tail_k.shape[1]
+    if hq % h_kv:
+        raise ValueError(f"query heads {hq} are not a multiple of KV heads {h_kv}")
+    gqa = hq // h_kv
+    qs = (q * scale).contiguous()
+    plans = []
+    for pool, table, pos, npages in kv.pools:
+        maxp = table.shape[1]
+        if maxp == 0:
+            continue
+        plans.append((pool, table, pos, npages, _num_splits(bsz * h_kv, maxp, q.device), maxp))
+    splits_total = max(1, sum(p[4] for p in plans))
+    m = torch.empty(bsz, hq, splits_total, device=q.device, dtype=torch.float32)
+    lsum = torch.empty_like(m)
+    acc = torch.empty(bsz, hq, splits_total, d, device=q.device, dtype=torch.float32)
+    if not plans:  # tail only: the combine kernel reads one empty split
+        m.fill_(float("-inf"))
+        lsum.zero_()
+        acc.zero_()
+    offset = 0
+    for pool, table, pos, npages, splits, maxp in plans:
+        spec_k, spec_v = pool.specs["key"], pool.specs["value"]
+        if spec_k.tile[1] != 1 or spec_v.tile[0] != 1 or spec_k.tile[0] != spec_v.tile[1]:
+            raise ValueError("gear_decode_attention needs the KIVI backbone (keys per channel, values per token)")
+        sk, sv = pool.storage["key"], pool.storage["value"]
+        dummy = sk["codes"]
+        ko, vo = 2 * spec_k.outliers_per_side, 2 * spec_v.outliers_per_side
+        rank = spec_k.rank
+        _pages_kernel[(bsz * h_kv, splits)](
+            qs, qs.stride(0), qs.stride(1),
+            sk["codes"], sk["scale"], sk["zero"], sk.get("lowrank_a", dummy), sk.get("lowrank_b", dummy),
+            sk.get("outlier_values", dummy), sk.get("outlier_index", dummy),
+            sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", dummy), sv.get("lowrank_b", dummy),
+            sv.get("outlier_values", dummy), sv.get("outlier_index", dummy),
+            table, pos, npages, kv.valid_from, table.stride(0),
+            m, lsum, acc, offset, splits_total,
+            H_KV=h_kv, GQA=gqa, M_PAD=max(16, _next_pow2(gqa)), D=d, BITS=spec_k.bits,
+            PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(2, _next_pow2(rank)),
+            KO=ko, KO_PAD=max(1, _next_pow2(ko)), VO=vo, VO_PAD=max(1, _next_pow2(vo)),
+            PPS=-(-maxp // splits), num_warps=4,
+        )
+        offset += splits
+    out = torch.empty_like(q)
+    tk, tv = kv.tail_k, kv.tail_v
+    _combine_kernel[(bsz, hq)](
+        qs, qs.stride(0), qs.stride(1), m, lsum, acc, splits_total,
+        tk, tv, tk.stride(0), tk.stride(1), kv.tail_len, kv.tail_pos, kv.valid_from, out,
+        H_Q=hq, GQA=gqa, D=d, S_PAD=max(2, _next_pow2(splits_total)), T_PAD=max(2, _next_pow2(tk.shape[2])),
+        num_warps=4,
+    )
+    return out
+
+
+# -- torch reference -------------------------------------------------------------------------
+def decode_attention_reference(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.Tensor:
+    """The same attention by decompressing every page (codec.decompress) in fp32."""
+    bsz, hq, d = q.shape
+    h_kv = kv.tail_k.shape[1]
+    out = torch.empty_like(q)
+    for b in range(bsz):
+        keys, values, positions = [], [], []
+        for pool, table, pos, npages in kv.pools:
+            n = int(npages[b])
+            if n == 0:
+                continue
+            blocks = pool.read(table[b, :n].long())
+            keys.append(decompress(blocks["key"], torch.float32).transpose(0, 1).reshape(h_kv, -1, d))
+            values.append(decompress(blocks["value"], torch.float32).transpose(0, 1).reshape(h_kv, -1, d))
+            positions.append((pos[b, :n, None] + torch.arange(pool.tokens, device=q.device)).reshape(-1))
+        t = int(kv.tail_len[b])
+        keys.append(kv.tail_k[b, :, :t].float())
+        values.append(kv.tail_v[b, :, :t].float())
+        positions.append(kv.tail_pos[b] + torch.arange(t, device=q.device))
+        k, v, p = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(positions)
+        k, v = k.repeat_interleave(hq // h_kv, 0), v.repeat_interleave(hq // h_kv, 0)
+        s = (q[b].float()[:, None, :] @ k.transpose(-1, -2))[:, 0] * scale  # [Hq, T]
+        s = s.masked_fill(p[None, :] < kv.valid_from[b], float("-inf"))
+        out[b] = (torch.softmax(s, -1)[:, None, :] @ v)[:, 0].to(q.dtype)
+    return out

@@ -1,0 +1,128 @@
+"""Triton kernels against their torch references (interpreter on CPU, compiled on CUDA)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from gear_dist import kernels
+from gear_dist.cache import GEARCache, GearLayer, PagePool, use_gear_attention
+from gear_dist.codec import compress, decompress
+from gear_dist.config import CompressionConfig
+from gear_dist.evals.synthetic import synthetic_kv
+from gear_dist.kernels.compress import compress_into_pool
+from gear_dist.kernels.decode_attention import PagedKV, decode_attention_reference, gear_decode_attention
+from gear_dist.models import random_config
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
+SMALL = dict(block_size=32, prefill_block_size=64, group_size=32)
+CONFIGS = [("kivi", {}), ("gear_l", {}), ("gear", {}), ("gear", dict(bits=3)), ("gear", dict(bits=4)),
+           ("gear", dict(bits=8, outlier_ratio=0.1, rank=4))]
+IDS = [f"{n}-{o.get('bits', 2)}" for n, o in CONFIGS]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _filled_layer(cfg, batch, heads, tokens, d, pad):
+    layer = GearLayer(cfg)
+    k = synthetic_kv(batch, heads, tokens=tokens, head_dim=d, kind="key").to(DEVICE, DTYPE)
+    v = synthetic_kv(batch, heads, tokens=tokens, head_dim=d, kind="value").to(DEVICE, DTYPE)
+    layer.update(k, v)
+    mask = torch.ones(batch, 1, tokens, tokens, dtype=torch.bool, device=DEVICE)
+    for b, p in enumerate(pad):
+        mask[b, ..., :p] = False
+    layer.commit(mask)
+    return layer
+
+
+@pytest.mark.parametrize("name, overrides", CONFIGS, ids=IDS)
+def test_decode_attention_matches_reference(seed, name, overrides):
+    cfg = CompressionConfig.preset(name, **SMALL, **overrides)
+    layer = _filled_layer(cfg, batch=3, heads=2, tokens=150, d=64, pad=[0, 37, 70])  # GQA 4, two pools, tail
+    kv = layer.paged()
+    assert [int(n[0]) for _, _, _, n in kv.pools] == [2, 0] and int(kv.tail_len[0]) == 22
+    q = torch.randn(3, 8, 64, device=DEVICE, dtype=DTYPE)
+    out = gear_decode_attention(q, kv, 0.125)
+    ref = decode_attention_reference(q, kv, 0.125)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) <= (1e-2 if DTYPE == torch.float16 else 1e-5)
+
+
+def test_reference_equals_sdpa_on_decompressed_layer(seed):
+    cfg = CompressionConfig.preset("gear", **SMALL)
+    layer = _filled_layer(cfg, batch=2, heads=2, tokens=100, d=64, pad=[0, 11])
+    q = torch.randn(2, 4, 64, device=DEVICE, dtype=DTYPE)
+    keys, values = layer.materialize()
+    mask = (torch.arange(100, device=DEVICE)[None, :] >= layer.valid_from[:, None])[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=0.125,
+                                                            enable_gqa=True)[:, :, 0]
+    assert _rel(decode_attention_reference(q, layer.paged(), 0.125), want) < 1e-3
+
+
+def test_variable_lengths_per_sequence(seed):
+    """The engine's case: sequences with different page counts and tail lengths in one batch."""
+    cfg = CompressionConfig.preset("gear", **SMALL)
+    pool = PagePool(cfg, 32, cfg.rank, 2, 64, DEVICE)
+    pages = [3, 0, 1]
+    ids = pool.allocate(sum(pages))
+    x = {kind: synthetic_kv(sum(pages), 2, tokens=32, head_dim=64, kind=kind).to(DEVICE) for kind in ("key", "value")}
+    pool.write(ids, {kind: compress(x[kind], kind, cfg, cfg.rank) for kind in x})
+    table = torch.zeros(3, 3, dtype=torch.int32, device=DEVICE)
+    table[0, :3], table[2, :1] = ids[:3].int(), ids[3:].int()
+    pos = (torch.arange(3, device=DEVICE) * 32).int().expand(3, 3).contiguous()
+    tails = [5, 17, 0]
+    tk = torch.randn(3, 2, 31, 64, device=DEVICE, dtype=DTYPE)
+    tv = torch.randn_like(tk)
+    i32 = lambda v: torch.tensor(v, dtype=torch.int32, device=DEVICE)  # noqa: E731
+    kv = PagedKV([(pool, table, pos, i32(pages))], tk, tv, i32(tails), i32([p * 32 for p in pages]), i32([0, 0, 0]))
+    q = torch.randn(3, 4, 64, device=DEVICE, dtype=DTYPE)
+    out = gear_decode_attention(q, kv, 0.125)
+    assert _rel(out, decode_attention_reference(q, kv, 0.125)) <= (1e-2 if DTYPE == torch.float16 else 1e-5)
+
+
+@pytest.mark.parametrize("name, overrides", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("kind", ["key", "value"])
+def test_compress_kernel_matches_codec(seed, name, overrides, kind):
+    cfg = CompressionConfig.preset(name, **SMALL, **overrides)
+    x = synthetic_kv(3, 2, tokens=32, head_dim=64, kind=kind).to(DEVICE, DTYPE)
+    valid = torch.ones(3, 32, dtype=torch.bool, device=DEVICE)
+    valid[1, :9] = False
+    ref_pool, ker_pool = (PagePool(cfg, 32, cfg.rank, 2, 64, DEVICE, capacity=4) for _ in range(2))
+    ids = torch.tensor([2, 0, 3], device=DEVICE)
+    ref_pool.write(ids, {kind: compress(x, kind, cfg, cfg.rank, valid[:, None, :])})
+    compress_into_pool(x, kind, ker_pool, ids, valid)
+    ref, got = ref_pool.read(ids)[kind], ker_pool.read(ids)[kind]
+    real = valid[:, None, :, None].expand(3, 2, 32, 64)
+    for part in ("codes", "scale", "zero"):  # the same function: identical codes and statistics
+        assert (ref.tensors()[part] != got.tensors()[part]).float().mean() < 0.005, part
+    assert _rel(decompress(got)[real], decompress(ref)[real]) < 2e-3
+    assert _rel(decompress(got)[real], x[real]) < 1.0
+
+
+def test_the_switch_changes_the_path_taken():
+    torch.manual_seed(0)
+    cfg = random_config("llama3-8b", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=256)
+    model = AutoModelForCausalLM.from_config(cfg).to(DEVICE).eval()
+    use_gear_attention(model)
+    ids = torch.randint(3, 256, (2, 80), device=DEVICE)
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    comp = CompressionConfig.preset("gear", block_size=16, prefill_block_size=32, group_size=16)
+    outs, counts = {}, {}
+    for mode in ("off", "on"):
+        kernels.launches.clear()
+        with kernels.kernels_mode(mode):
+            outs[mode] = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                        pad_token_id=0, past_key_values=GEARCache(model.config, comp))
+        counts[mode] = dict(kernels.launches)
+    assert counts["off"] == {}
+    assert counts["on"]["decode_attention"] == 2 * 11 and counts["on"]["compress"] > 0
+    assert (outs["on"] == outs["off"]).float().mean() > 0.95
+
+
+def test_switch_rejects_unknown_modes():
+    with pytest.raises(ValueError, match="^kernels:"):
+        kernels.use_kernels("fast")
