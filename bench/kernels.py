@@ -13,20 +13,27 @@ one 64-token block for all heads of a layer at batch 64, and a 16k-token prompt.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
+import sys
+from pathlib import Path
 
-import torch
-import triton
+# This file shares its name with the `kernels` package that transformers probes for at import:
+# keep bench/ off the module path so that probe does not import this script.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from gear_dist import results
-from gear_dist.cache import GearLayer, PagePool
-from gear_dist.codec import compress
-from gear_dist.config import CompressionConfig
-from gear_dist.evals.synthetic import synthetic_kv
-from gear_dist.kernels.compress import compress_into_pool
-from gear_dist.kernels.decode_attention import PagedKV, decode_attention_reference, gear_decode_attention
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from gear_dist import results  # noqa: E402
+from gear_dist.cache import GearLayer, PagePool  # noqa: E402
+from gear_dist.codec import compress  # noqa: E402
+from gear_dist.config import CompressionConfig  # noqa: E402
+from gear_dist.evals.synthetic import synthetic_kv  # noqa: E402
+from gear_dist.kernels.compress import compress_into_pool  # noqa: E402
+from gear_dist.kernels.decode_attention import PagedKV, decode_attention_reference, gear_decode_attention  # noqa: E402,E501
 
 HQ, HKV, D = 32, 8, 128
 CASES = [(16, 1024), (16, 4096), (16, 16384), (8, 32768), (64, 4096)]
@@ -34,7 +41,7 @@ METHODS = {
     "gear": CompressionConfig.preset("gear"),
     "gear_l": CompressionConfig.preset("gear_l"),
     "kivi": CompressionConfig.preset("kivi"),
-    "gear_4bit": CompressionConfig.preset("gear", bits=4, name="gear_4bit"),
+    "gear_4bit": CompressionConfig.preset("gear", bits=4).replace(name="gear_4bit"),
 }
 TAIL = 32  # fp16 tokens not yet compressed (a decode block fills to 64)
 

@@ -126,3 +126,44 @@ def test_the_switch_changes_the_path_taken():
 def test_switch_rejects_unknown_modes():
     with pytest.raises(ValueError, match="^kernels:"):
         kernels.use_kernels("fast")
+
+
+_COMPILE_SCRIPT = """
+import json, sys, torch
+from gear_dist.cache import GearLayer
+from gear_dist.config import CompressionConfig
+from gear_dist.kernels.decode_attention import gear_decode_attention
+from gear_dist.kernels.launch import compile_only
+out = {}
+for name, overrides, dtype in json.loads(sys.argv[1]):
+    layer = GearLayer(CompressionConfig.preset(name, **overrides))
+    k = torch.randn(2, 2, 330, 128, dtype=getattr(torch, dtype))  # a 256-token prefill page and a 64-token page
+    with compile_only() as compiled:
+        before = len(compiled)
+        layer.update(k, k.clone())
+        layer.commit(None)
+        gear_decode_attention(torch.randn(2, 8, 128, dtype=k.dtype), layer.paged(), 0.1)
+        out[f"{name}-{overrides}-{dtype}"] = compiled[before:]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """What the interpreter does not check: the compiler's own rules, for sm_90, without a GPU
+    (in a fresh process, since kernels defined under TRITON_INTERPRET cannot be compiled)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # every branch once: outliers + low rank, 3-bit codes that straddle bytes in bf16, codes only
+    variants = [("gear", {}, "float16"), ("gear", {"bits": 3}, "bfloat16"), ("kivi", {"bits": 4}, "float16")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"GEAR_DIST_KERNELS": "on"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(variants)], env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    compiled = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(compiled) == len(variants)
+    for names in compiled.values():  # K and V into both pools, a pages launch per pool, the merge
+        assert names == ["_compress_kernel"] * 4 + ["_pages_kernel"] * 2 + ["_combine_kernel"], names

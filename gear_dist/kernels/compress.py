@@ -14,6 +14,7 @@ with a few vector ops per column.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from gear_dist.codec.lowrank import RITZ_ITERS, init_basis
+from gear_dist.kernels.launch import launch
 
 if TYPE_CHECKING:
     from gear_dist.cache.pool import PagePool
@@ -31,7 +33,7 @@ def _orthonormalize(q, M_PAD: tl.constexpr, COLS: tl.constexpr):
     """CGS2 on the first COLS columns of q [rows, M_PAD] (the rest stay as they are, zero);
     a column that keeps under 1e-5 of its norm becomes zero (as codec.lowrank.orthonormalize)."""
     cols = tl.arange(0, M_PAD)
-    for j in tl.static_range(COLS):
+    for j in range(COLS):  # runtime loops throughout: unrolling them made compiles take minutes
         is_j = cols == j
         done = tl.where((cols < j)[None, :], q, 0.0)
         v = tl.sum(tl.where(is_j[None, :], q, 0.0), axis=1)
@@ -92,9 +94,9 @@ def _compress_kernel(
 
     # -- outliers S: K largest, then K smallest per row by signed value (rows along tokens of a
     #    group for keys, along channels for values); positions are stored at once
-    taken = offs_t[:, None] < 0
-    for j in tl.static_range(KO):
-        sign = 1.0 - 2.0 * (j >= K)  # top K first, then bottom K
+    taken = (offs_t[:, None] < 0) & (offs_d[None, :] < 0)  # [N, D] all False
+    for j in range(KO):
+        sign = tl.where(j < K, 1.0, -1.0)  # top K first, then bottom K
         score = tl.where(taken, float("-inf"), tl.where(ok, sign * x, -3.4e38))
         if IS_KEY:
             s3 = tl.reshape(score, (NG, G, D))
@@ -147,7 +149,7 @@ def _compress_kernel(
     ROW: tl.constexpr = D * BITS // 8
     planes = tl.reshape(codes, (N, 8, W))
     word = tl.sum(planes << (BITS * tl.arange(0, 8))[None, :, None].to(tl.int64), axis=1)  # [N, W]
-    for k in tl.static_range(BITS):
+    for k in range(BITS):
         byte = ((word >> (8 * k)) & 255).to(tl.uint8)
         tl.store(CODES + ph * (N * ROW) + offs_t[:, None] * ROW + k * W + tl.arange(0, W)[None, :], byte)
 
@@ -157,12 +159,13 @@ def _compress_kernel(
         e = tl.where(use, res, 0.0)
         cols = tl.arange(0, M_PAD)
         p = tl.load(P0 + offs_d[:, None] * M_PAD + cols[None, :])  # [D, M] seeded start, zero-padded
-        for _ in tl.static_range(ITERS):
+        q = tl.zeros([N, M_PAD], tl.float32)
+        for _ in range(ITERS):
             q = _orthonormalize(tl.dot(e, p, input_precision=PREC), M_PAD, COLS)  # [N, M]
             p = tl.dot(tl.trans(e), q, input_precision=PREC)  # [D, M]
         gram = tl.dot(tl.trans(p), p, input_precision=PREC)  # [M, M]
         w = tl.where((cols[:, None] == cols[None, :]) & (cols[None, :] < RANK), 1.0, 0.0)
-        for _ in tl.static_range(RITZ):
+        for _ in range(RITZ):
             w = _orthonormalize(tl.dot(gram, w, input_precision=PREC), M_PAD, RANK)
         a = tl.dot(q, w, input_precision=PREC).to(tl.float16)  # [N, M], columns >= RANK are zero
         b = tl.dot(p, w, input_precision=PREC).to(tl.float16)  # [D, M]
@@ -174,7 +177,7 @@ def _compress_kernel(
     # -- S: the correction X - D - L at each outlier (positions re-read after a barrier)
     if K > 0:
         tl.debug_barrier()
-        for j in tl.static_range(KO):
+        for j in range(KO):
             if IS_KEY:
                 rows = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
                 pos = tl.load(OI + ph * (NG * D * KO) + rows * KO + j).to(tl.int32)
@@ -215,12 +218,12 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
     parts = pool.storage[kind]
     dummy = parts["codes"]
     valid_t = valid.to(torch.int8).contiguous() if valid is not None else dummy
-    _compress_kernel[(nb, h)](
-        x, x.stride(0), x.stride(1), x.stride(2), valid_t, valid_t.stride(0) if valid is not None else 0,
-        ids.to(torch.int32).contiguous(), p0,
-        parts["codes"], parts["scale"], parts["zero"], parts.get("lowrank_a", dummy), parts.get("lowrank_b", dummy),
-        parts.get("outlier_values", dummy), parts.get("outlier_index", dummy),
+    args = (x, x.stride(0), x.stride(1), x.stride(2), valid_t, valid_t.stride(0) if valid is not None else 0,
+            ids.to(torch.int32).contiguous(), p0,
+            parts["codes"], parts["scale"], parts["zero"], parts.get("lowrank_a", dummy), parts.get("lowrank_b", dummy),
+            parts.get("outlier_values", dummy), parts.get("outlier_index", dummy))
+    launch(_compress_kernel, (nb, h), args,
         H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits, IS_KEY=kind == "key", K=spec.outliers_per_side,
         RANK=spec.rank, COLS=cols, M_PAD=m_pad, ITERS=cfg.iters, RITZ=RITZ_ITERS, HAS_VALID=valid is not None,
-        PREC="tf32x3" if x.is_cuda else "ieee", num_warps=8 if n * d > 8192 else 4,
+        PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32x3", num_warps=8 if n * d > 8192 else 4,
     )

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from gear_dist.codec import decompress
+from gear_dist.kernels.launch import launch
 
 if TYPE_CHECKING:
     from gear_dist.cache.pool import PagePool
@@ -108,7 +109,7 @@ def _pages_kernel(
             qb = tl.sum(q.to(tl.float32)[:, :, None] * bk.to(tl.float32)[None, :, :], axis=1)  # [M, R]
             bv = tl.load(VB + ph * LRB + offs_d[:, None] * RANK + offs_r[None, :], mask=r_ok[None, :], other=0.0)
             pa = tl.zeros([M_PAD, R_PAD], tl.float32)
-        for g in tl.static_range(PAGE // G):
+        for g in range(PAGE // G):
             tok = g * G + offs_t
             # -- scores q.K^T of this tile
             kcodes = _unpack_tile(KC + ph * CODES, tok, BITS, D)
@@ -257,14 +258,14 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.T
         dummy = sk["codes"]
         ko, vo = 2 * spec_k.outliers_per_side, 2 * spec_v.outliers_per_side
         rank = spec_k.rank
-        _pages_kernel[(bsz * h_kv, splits)](
-            qs, qs.stride(0), qs.stride(1),
-            sk["codes"], sk["scale"], sk["zero"], sk.get("lowrank_a", dummy), sk.get("lowrank_b", dummy),
-            sk.get("outlier_values", dummy), sk.get("outlier_index", dummy),
-            sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", dummy), sv.get("lowrank_b", dummy),
-            sv.get("outlier_values", dummy), sv.get("outlier_index", dummy),
-            table, pos, npages, kv.valid_from, table.stride(0),
-            m, lsum, acc, offset, splits_total,
+        args = (qs, qs.stride(0), qs.stride(1),
+                sk["codes"], sk["scale"], sk["zero"], sk.get("lowrank_a", dummy), sk.get("lowrank_b", dummy),
+                sk.get("outlier_values", dummy), sk.get("outlier_index", dummy),
+                sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", dummy), sv.get("lowrank_b", dummy),
+                sv.get("outlier_values", dummy), sv.get("outlier_index", dummy),
+                table, pos, npages, kv.valid_from, table.stride(0),
+                m, lsum, acc, offset, splits_total)
+        launch(_pages_kernel, (bsz * h_kv, splits), args,
             H_KV=h_kv, GQA=gqa, M_PAD=max(16, _next_pow2(gqa)), D=d, BITS=spec_k.bits,
             PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(2, _next_pow2(rank)),
             KO=ko, KO_PAD=max(1, _next_pow2(ko)), VO=vo, VO_PAD=max(1, _next_pow2(vo)),
@@ -273,9 +274,9 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.T
         offset += splits
     out = torch.empty_like(q)
     tk, tv = kv.tail_k, kv.tail_v
-    _combine_kernel[(bsz, hq)](
-        qs, qs.stride(0), qs.stride(1), m, lsum, acc, splits_total,
-        tk, tv, tk.stride(0), tk.stride(1), kv.tail_len, kv.tail_pos, kv.valid_from, out,
+    args = (qs, qs.stride(0), qs.stride(1), m, lsum, acc, splits_total,
+            tk, tv, tk.stride(0), tk.stride(1), kv.tail_len, kv.tail_pos, kv.valid_from, out)
+    launch(_combine_kernel, (bsz, hq), args,
         H_Q=hq, GQA=gqa, D=d, S_PAD=max(2, _next_pow2(splits_total)), T_PAD=max(2, _next_pow2(tk.shape[2])),
         num_warps=4,
     )
