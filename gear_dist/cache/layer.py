@@ -250,7 +250,7 @@ class GearLayer(CacheLayerMixin):
 
         valid = self.tail_valid[:, :cut].reshape(b, count, 1, n)
         ids = pool.allocate(b * count).reshape(b, count)
-        if kernels.active(self.device) and kernels.supports(self.compression, n, d):
+        if kernels.active(self.device) and kernels.supports_compress(self.compression, n, d):
             from gear_dist.kernels.compress import compress_into_pool
 
             for kind, t in (("key", self.tail_k), ("value", self.tail_v)):

@@ -61,7 +61,18 @@ def _pow2(x: int) -> bool:
 
 
 def supports(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
-    """Formats the kernels implement: the KIVI backbone, power-of-two page and head sizes."""
+    """Page formats the decode kernel reads: the KIVI backbone, power-of-two page and head sizes."""
     return (config.compressed and config.backbone == "kivi" and _pow2(tokens) and _pow2(head_dim)
             and _pow2(config.group_size) and head_dim >= 16 and tokens % config.group_size == 0
             and head_dim % config.group_size == 0)
+
+
+MAX_COMPRESS_ELEMENTS = 64 * 128  # one block in registers; larger blocks (prefill pages) use torch
+
+
+def supports_compress(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
+    """Blocks the compression kernel takes whole into registers (decode blocks: 64 x d<=128).
+
+    NOTE: a 256 x 128 prefill page needs ~390 KB of shared memory for its dots and reductions,
+    over the H100's 227 KB; those pages go through the torch codec on the GPU instead."""
+    return supports(config, tokens, head_dim) and tokens * head_dim <= MAX_COMPRESS_ELEMENTS

@@ -127,20 +127,22 @@ def _compress_kernel(
     hi = tl.where(empty, 0.0, hi)
     zero = _fp16_down(lo)
     span = hi - zero.to(tl.float32)
-    scale = _fp16_up(tl.where(span > 0, span / LEVELS, 1.0))
+    scale = _fp16_up(tl.where(span > 0, tl.math.div_rn(span, tl.full(span.shape, LEVELS, tl.float32)), 1.0))
     zf = zero.to(tl.float32)
     sf = scale.to(tl.float32)
     if IS_KEY:
         stat = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
         tl.store(SCALE + ph * (NG * D) + stat, scale)
         tl.store(ZERO + ph * (NG * D) + stat, zero)
-        codes3 = tl.minimum(tl.maximum(tl.floor((x3 - zf[:, None, :]) / sf[:, None, :] + 0.5), 0.0), LEVELS)
+        steps = tl.math.div_rn(x3 - zf[:, None, :], tl.broadcast_to(sf[:, None, :], (NG, G, D)))  # IEEE, as torch
+        codes3 = tl.minimum(tl.maximum(tl.floor(steps + 0.5), 0.0), LEVELS)
         dq = tl.reshape(codes3 * sf[:, None, :] + zf[:, None, :], (N, D))
     else:
         stat = offs_t[:, None] * DG + tl.arange(0, DG)[None, :]
         tl.store(SCALE + ph * (N * DG) + stat, scale)
         tl.store(ZERO + ph * (N * DG) + stat, zero)
-        codes3 = tl.minimum(tl.maximum(tl.floor((x3 - zf[:, :, None]) / sf[:, :, None] + 0.5), 0.0), LEVELS)
+        steps = tl.math.div_rn(x3 - zf[:, :, None], tl.broadcast_to(sf[:, :, None], (N, DG, G)))
+        codes3 = tl.minimum(tl.maximum(tl.floor(steps + 0.5), 0.0), LEVELS)
         dq = tl.reshape(codes3 * sf[:, :, None] + zf[:, :, None], (N, D))
     codes = tl.reshape(codes3, (N, D)).to(tl.int64)
 

@@ -40,21 +40,31 @@ def _unpack_tile(ptr, tok, BITS: tl.constexpr, D: tl.constexpr):
     """Codes [len(tok), D] (int32) of rows ``tok`` of a planar-packed [tokens, D*BITS/8] page.
 
     Channel c is code plane i = c // (D/8), column j = c % (D/8); its bits start at BITS*i in a
-    word of BITS byte planes, so it sits in byte plane BITS*i//8 at shift BITS*i%8 (BITS=3
-    straddles two byte planes for some planes)."""
+    word of BITS byte planes. For BITS in {2, 4, 8} byte plane k holds whole code planes
+    k*8/BITS ..., so the tile is loaded as [BITS, tokens, D/8] rows of contiguous bytes (wide
+    loads), shifted into [BITS, tokens, 8/BITS, D/8] and flattened in channel order. BITS=3
+    straddles byte planes and takes a per-channel gather instead."""
     W: tl.constexpr = D // 8
     ROW: tl.constexpr = D * BITS // 8
-    c = tl.arange(0, D)
-    bitpos = BITS * (c // W)
-    byte = (bitpos // 8) * W + c % W
-    shift = bitpos % 8
-    raw = tl.load(ptr + tok[:, None] * ROW + byte[None, :]).to(tl.int32)
-    codes = raw >> shift[None, :]
-    if BITS == 3:  # planes 2 and 5 spill into the next byte plane
-        spill = (shift + BITS) > 8
+    if BITS == 3:
+        c = tl.arange(0, D)
+        bitpos = BITS * (c // W)
+        byte = (bitpos // 8) * W + c % W
+        shift = bitpos % 8
+        lo = tl.load(ptr + tok[:, None] * ROW + byte[None, :]).to(tl.int32) >> shift[None, :]
+        spill = (shift + BITS) > 8  # planes 2 and 5 continue in the next byte plane
         hi = tl.load(ptr + tok[:, None] * ROW + byte[None, :] + W, mask=spill[None, :], other=0).to(tl.int32)
-        codes = codes | (hi << (8 - shift[None, :]))
-    return codes & ((1 << BITS) - 1)
+        out = (lo | (hi << (8 - shift[None, :]))) & 7
+    else:
+        PER: tl.constexpr = 8 // BITS
+        n: tl.constexpr = tok.shape[0]
+        k = tl.arange(0, BITS)
+        j = tl.arange(0, W)
+        raw = tl.load(ptr + tok[None, :, None] * ROW + k[:, None, None] * W + j[None, None, :]).to(tl.int32)
+        shifts = tl.arange(0, PER) * BITS
+        codes = (raw[:, :, None, :] >> shifts[None, None, :, None]) & ((1 << BITS) - 1)  # [BITS, n, PER, W]
+        out = tl.reshape(tl.permute(codes, (1, 0, 2, 3)), (n, D))
+    return out
 
 
 @triton.jit
@@ -112,11 +122,13 @@ def _pages_kernel(
         for g in range(PAGE // G):
             tok = g * G + offs_t
             # -- scores q.K^T of this tile
-            kcodes = _unpack_tile(KC + ph * CODES, tok, BITS, D)
+            # keys are per channel: q.(code * scale + zero) = (q * scale).code + q.zero, so the
+            # codes go to the tensor cores as they are and no dequantized tile is formed
+            kcodes = _unpack_tile(KC + ph * CODES, tok, BITS, D).to(dt)
             ks = tl.load(KS + ph * KSTAT + g * D + offs_d).to(tl.float32)
             kz = tl.load(KZ + ph * KSTAT + g * D + offs_d).to(tl.float32)
-            k = (kcodes.to(tl.float32) * ks[None, :] + kz[None, :]).to(dt)
-            s = tl.dot(q, tl.trans(k))  # [M, G] fp32
+            qf = q.to(tl.float32)
+            s = tl.dot((qf * ks[None, :]).to(dt), tl.trans(kcodes)) + tl.sum(qf * kz[None, :], axis=1)[:, None]
             if RANK > 0:
                 ak = tl.load(KA + ph * LRA + tok[:, None] * RANK + offs_r[None, :], mask=r_ok[None, :], other=0.0)
                 s += tl.sum(qb[:, None, :] * ak.to(tl.float32)[None, :, :], axis=2)
@@ -170,34 +182,39 @@ def _pages_kernel(
 def _combine_kernel(
     Q, stride_qb, stride_qh, M_IN, L_IN, ACC_IN, splits_total,
     TK, TV, stride_tb, stride_th, TAIL_LEN, TAIL_POS, VALID_FROM, OUT,
-    H_Q: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, T_PAD: tl.constexpr,
+    H_Q: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, S_BLOCK: tl.constexpr, T_PAD: tl.constexpr,
 ):
-    """Merge the split partials with the fp16 tail, normalise, write [B, H_Q, D]."""
+    """Merge the split partials (S_BLOCK at a time) with the fp16 tail, normalise, write [B, H_Q, D]."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // GQA
     offs_d = tl.arange(0, D)
-    offs_s = tl.arange(0, S_PAD)
-    s_ok = offs_s < splits_total
-    row = (b * H_Q + hq) * splits_total + offs_s
-    m = tl.load(M_IN + row, mask=s_ok, other=float("-inf"))
-    lsum = tl.load(L_IN + row, mask=s_ok, other=0.0)
-    acc = tl.load(ACC_IN + row[:, None] * D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
-
     q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_d).to(tl.float32)
     offs_t = tl.arange(0, T_PAD)
     t_ok = (offs_t < tl.load(TAIL_LEN + b)) & (tl.load(TAIL_POS + b) + offs_t >= tl.load(VALID_FROM + b))
     tail = b * stride_tb + h * stride_th + offs_t[:, None] * D + offs_d[None, :]
     tk = tl.load(TK + tail, mask=t_ok[:, None], other=0.0).to(tl.float32)
     st = tl.where(t_ok, tl.sum(q[None, :] * tk, axis=1), float("-inf"))
+    m_run = tl.max(st, axis=0)
+    m_safe = tl.where(m_run == float("-inf"), 0.0, m_run)
+    pt = tl.exp(st - m_safe)
+    total = tl.sum(pt, axis=0)
+    o = tl.sum(pt[:, None] * tl.load(TV + tail, mask=t_ok[:, None], other=0.0).to(tl.float32), axis=0)
 
-    m_all = tl.maximum(tl.max(m, axis=0), tl.max(st, axis=0))
-    m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    w = tl.exp(m - m_all)
-    pt = tl.exp(st - m_all)
-    tv = tl.load(TV + tail, mask=t_ok[:, None], other=0.0).to(tl.float32)
-    total = tl.sum(lsum * w, axis=0) + tl.sum(pt, axis=0)
-    o = tl.sum(acc * w[:, None], axis=0) + tl.sum(pt[:, None] * tv, axis=0)
+    base = (b * H_Q + hq) * splits_total
+    for s0 in range(0, splits_total, S_BLOCK):
+        offs_s = s0 + tl.arange(0, S_BLOCK)
+        s_ok = offs_s < splits_total
+        m = tl.load(M_IN + base + offs_s, mask=s_ok, other=float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_run - m_new_safe)
+        w = tl.exp(m - m_new_safe)
+        lsum = tl.load(L_IN + base + offs_s, mask=s_ok, other=0.0)
+        acc = tl.load(ACC_IN + (base + offs_s)[:, None] * D + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+        total = total * alpha + tl.sum(lsum * w, axis=0)
+        o = o * alpha + tl.sum(acc * w[:, None], axis=0)
+        m_run = m_new
     o = o / tl.where(total > 0, total, 1.0)
     tl.store(OUT + (b * H_Q + hq) * D + offs_d, o.to(OUT.dtype.element_ty))
 
@@ -221,9 +238,10 @@ def _next_pow2(x: int) -> int:
 
 
 def _num_splits(work: int, max_pages: int, device: torch.device) -> int:
-    """Enough (sequence, head, split) programs to fill the GPU about four times over."""
+    """Enough (sequence, head, split) programs for ~16 per SM: a program walks its pages one
+    dependent load after another, so latency is hidden by having many of them resident."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(max_pages, -(-4 * sms // max(work, 1))))
+    return max(1, min(max_pages, -(-16 * sms // max(work, 1))))
 
 
 def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.Tensor:
@@ -277,7 +295,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.T
     args = (qs, qs.stride(0), qs.stride(1), m, lsum, acc, splits_total,
             tk, tv, tk.stride(0), tk.stride(1), kv.tail_len, kv.tail_pos, kv.valid_from, out)
     launch(_combine_kernel, (bsz, hq), args,
-        H_Q=hq, GQA=gqa, D=d, S_PAD=max(2, _next_pow2(splits_total)), T_PAD=max(2, _next_pow2(tk.shape[2])),
+        H_Q=hq, GQA=gqa, D=d, S_BLOCK=16, T_PAD=max(2, _next_pow2(tk.shape[2])),
         num_warps=4,
     )
     return out
