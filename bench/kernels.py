@@ -143,6 +143,21 @@ def decode_timings(copy_gbps: float) -> list[dict]:
     return rows
 
 
+def tuning() -> list[dict]:
+    """The launcher's knobs on the 16 x 16k case: programs per SM and warps per program."""
+    rows = []
+    for name in ("gear_l", "gear"):
+        kv, nbytes = paged_cache(METHODS[name], 16, 16384)
+        q = torch.randn(16, HQ, D, dtype=torch.float16, device="cuda")
+        for per_sm in (4, 16, 64):
+            for warps in (2, 4, 8):
+                ms = bench_ms(lambda: gear_decode_attention(q, kv, D**-0.5, programs_per_sm=per_sm, num_warps=warps))
+                rows.append(dict(method=name, batch=16, context=16384, programs_per_sm=per_sm, num_warps=warps,
+                                 ms=ms, gbps=nbytes / ms / 1e6))
+        del kv
+    return rows
+
+
 def compression_timings(decode_rows: list[dict]) -> list[dict]:
     """One decode block (64 tokens) for all heads of a layer at batch 64 through the kernel, vs
     that layer's decode attention at 64 x 4k; and a 16k-token prompt into prefill pages (torch
@@ -176,6 +191,7 @@ def main() -> None:
     copy_gbps = copy_bandwidth()
     checks = correctness()
     decode = decode_timings(copy_gbps)
+    tune = tuning()
     comp = compression_timings(decode)
     for r in decode:
         r["kind_of_row"] = "decode"
@@ -183,7 +199,9 @@ def main() -> None:
         r["kind_of_row"] = "compress"
     for r in checks:
         r["kind_of_row"] = "check"
-    result = results.record("kernels", checks + decode + comp, copy_gbps=copy_gbps,
+    for r in tune:
+        r["kind_of_row"] = "tuning"
+    result = results.record("kernels", checks + decode + tune + comp, copy_gbps=copy_gbps,
                             config={n: vars(c) for n, c in METHODS.items()})
     path = results.write(result, args.out)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s\n")
@@ -191,6 +209,8 @@ def main() -> None:
     print()
     print(results.markdown(decode, ["method", "bits", "batch", "context", "ms", "fp16_ms", "speedup", "gbps",
                                     "copy_fraction", "bits_per_element"]))
+    print()
+    print(results.markdown(tune, ["method", "programs_per_sm", "num_warps", "ms", "gbps"]))
     print()
     print(results.markdown(comp, ["method", "case", "batch", "new_tokens", "ms", "torch_ms", "tok_s",
                                   "fraction_of_attention", "fraction_of_fp16_attention"]))

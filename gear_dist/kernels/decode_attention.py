@@ -237,16 +237,18 @@ def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
-def _num_splits(work: int, max_pages: int, device: torch.device) -> int:
-    """Enough (sequence, head, split) programs for ~16 per SM: a program walks its pages one
-    dependent load after another, so latency is hidden by having many of them resident."""
+def _num_splits(work: int, max_pages: int, device: torch.device, per_sm: int) -> int:
+    """Enough (sequence, head, split) programs for ``per_sm`` per SM: a program walks its pages
+    one dependent load after another, so latency is hidden by having many of them resident."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(max_pages, -(-16 * sms // max(work, 1))))
+    return max(1, min(max_pages, -(-per_sm * sms // max(work, 1))))
 
 
-def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.Tensor:
+def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, programs_per_sm: int = 16,
+                          num_warps: int = 4) -> torch.Tensor:
     """Attention of one query token per sequence, ``q [B, H_q, D]``, over a layer's GEAR
-    pages and fp16 tail. Returns ``[B, H_q, D]`` in ``q``'s dtype."""
+    pages and fp16 tail. Returns ``[B, H_q, D]`` in ``q``'s dtype. The keyword arguments are
+    tuning knobs (bench/kernels.py sweeps them)."""
     bsz, hq, d = q.shape
     h_kv = kv.tail_k.shape[1]
     if hq % h_kv:
@@ -258,7 +260,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.T
         maxp = table.shape[1]
         if maxp == 0:
             continue
-        plans.append((pool, table, pos, npages, _num_splits(bsz * h_kv, maxp, q.device), maxp))
+        plans.append((pool, table, pos, npages, _num_splits(bsz * h_kv, maxp, q.device, programs_per_sm), maxp))
     splits_total = max(1, sum(p[4] for p in plans))
     m = torch.empty(bsz, hq, splits_total, device=q.device, dtype=torch.float32)
     lsum = torch.empty_like(m)
@@ -287,7 +289,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.T
             H_KV=h_kv, GQA=gqa, M_PAD=max(16, _next_pow2(gqa)), D=d, BITS=spec_k.bits,
             PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(2, _next_pow2(rank)),
             KO=ko, KO_PAD=max(1, _next_pow2(ko)), VO=vo, VO_PAD=max(1, _next_pow2(vo)),
-            PPS=-(-maxp // splits), num_warps=4,
+            PPS=-(-maxp // splits), num_warps=num_warps,
         )
         offset += splits
     out = torch.empty_like(q)
