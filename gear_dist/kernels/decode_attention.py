@@ -6,11 +6,11 @@ Flash-decoding (Dao et al., 2023) with split-K over pages, per 64-token tile of 
 
 - D: packed codes are unpacked in registers (planar layout, codec/quant.py) and dequantized with
   the tile's fp16 scale/minimum, then multiplied on the tensor cores;
-- L: ``q.B_k`` is formed once per page (r multiply-adds per channel), ``p.A_v`` is accumulated
-  over the page's tiles and expanded through ``B_v`` at the page's end;
-- S: outlier rows have a fixed length, so the row of each stored entry is known from its slot
-  and only its position needs a one-hot: ``q.S_k^T = (q x s) . onehot(token)`` and
-  ``p.S_v = (p x s) . onehot(channel)``, two small tensor-core products.
+- L: ``q.B_k`` is formed once per page, ``p.A_v`` is accumulated over the page's tiles and
+  expanded through ``B_v`` at the page's end (factors padded to 16 columns: tensor-core dots);
+- S: outlier rows have a fixed length, so the row of each stored entry is known from its slot;
+  a tile's few entries (2 per row by default) are added as a dense tile by comparing their
+  positions, into V before its product and as one more small product for K.
 
 One launch per page pool writes per-split partials (running max, sum, output); a second kernel
 merges them with the fp16 tail (fewer than ``block_size`` tokens) and normalises.
@@ -76,7 +76,7 @@ def _pages_kernel(
     M_OUT, L_OUT, ACC_OUT, split_offset, splits_total,
     H_KV: tl.constexpr, GQA: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     PAGE: tl.constexpr, G: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr,
-    KO: tl.constexpr, KO_PAD: tl.constexpr, VO: tl.constexpr, VO_PAD: tl.constexpr, PPS: tl.constexpr,
+    KO: tl.constexpr, VO: tl.constexpr, PPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -109,39 +109,38 @@ def _pages_kernel(
     npages = tl.load(NPAGES + b)
     first = split * PPS
     last = tl.minimum(first + PPS, npages)
+    qt = tl.trans(q)  # [D, M]
     for p in range(first, last):
         page = tl.load(TABLE + b * stride_tb + p).to(tl.int64)
         pos0 = tl.load(POS + b * stride_tb + p)
         ph = page * H_KV + h
-        if RANK > 0:
-            r_ok = offs_r < RANK
-            bk = tl.load(KB + ph * LRB + offs_d[:, None] * RANK + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-            qb = tl.sum(q.to(tl.float32)[:, :, None] * bk.to(tl.float32)[None, :, :], axis=1)  # [M, R]
-            bv = tl.load(VB + ph * LRB + offs_d[:, None] * RANK + offs_r[None, :], mask=r_ok[None, :], other=0.0)
+        if RANK > 0:  # factors padded to R_PAD >= 16 columns so every product is a tensor-core dot
+            r_ok = (offs_r < RANK)[None, :]
+            bk = tl.load(KB + ph * LRB + offs_d[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0).to(dt)
+            qb_t = tl.trans(tl.dot(q, bk).to(dt))  # [R, M]
+            bv_t = tl.trans(tl.load(VB + ph * LRB + offs_d[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0).to(dt))
             pa = tl.zeros([M_PAD, R_PAD], tl.float32)
         for g in range(PAGE // G):
             tok = g * G + offs_t
-            # -- scores q.K^T of this tile
-            # keys are per channel: q.(code * scale + zero) = (q * scale).code + q.zero, so the
-            # codes go to the tensor cores as they are and no dequantized tile is formed
-            kcodes = _unpack_tile(KC + ph * CODES, tok, BITS, D).to(dt)
+            # -- scores of this tile, computed transposed ([G, M]) so the big operand needs no transpose.
+            # keys are per channel: (code * scale + zero).q = code.(q * scale) + zero.q, so the codes
+            # go to the tensor cores as they are and no dequantized key tile is formed
             ks = tl.load(KS + ph * KSTAT + g * D + offs_d).to(tl.float32)
             kz = tl.load(KZ + ph * KSTAT + g * D + offs_d).to(tl.float32)
-            qf = q.to(tl.float32)
-            s = tl.dot((qf * ks[None, :]).to(dt), tl.trans(kcodes)) + tl.sum(qf * kz[None, :], axis=1)[:, None]
+            kcodes = _unpack_tile(KC + ph * CODES, tok, BITS, D).to(dt)
+            st = tl.dot(kcodes, (qt.to(tl.float32) * ks[:, None]).to(dt))
+            st += tl.sum(qt.to(tl.float32) * kz[:, None], axis=0)[None, :]
             if RANK > 0:
-                ak = tl.load(KA + ph * LRA + tok[:, None] * RANK + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-                s += tl.sum(qb[:, None, :] * ak.to(tl.float32)[None, :, :], axis=2)
-            if KO > 0:  # entry (c, j) of group g: row c is its slot, the token is its index
-                j = tl.arange(0, KO_PAD)
-                e_ok = (j < KO)[None, :]
-                base = KOV + ph * KOUT + g * D * KO
-                vals = tl.load(base + offs_d[:, None] * KO + j[None, :], mask=e_ok, other=0.0)
-                idx = tl.load(KOI + ph * KOUT + g * D * KO + offs_d[:, None] * KO + j[None, :], mask=e_ok, other=255)
-                w = q.to(tl.float32)[:, :, None] * vals.to(tl.float32)[None, :, :]  # [M, D, KO]
-                w = tl.reshape(w, (M_PAD, D * KO_PAD))
-                onehot = tl.reshape(idx.to(tl.int32), (D * KO_PAD,))[:, None] == offs_t[None, :]
-                s += tl.dot(w.to(dt), onehot.to(dt))
+                ak = tl.load(KA + ph * LRA + tok[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0)
+                st += tl.dot(ak.to(dt), qb_t)
+            if KO > 0:  # row c of group g holds KO entries: the token is the index, add them densely
+                sk = tl.zeros([G, D], tl.float32)
+                for j in tl.static_range(KO):
+                    slot = ph * KOUT + (g * D + offs_d) * KO + j
+                    idx = tl.load(KOI + slot).to(tl.int32)
+                    sk += tl.where(offs_t[:, None] == idx[None, :], tl.load(KOV + slot).to(tl.float32)[None, :], 0.0)
+                st += tl.dot(sk.to(dt), qt)
+            s = tl.trans(st)  # [M, G]
             pos = pos0 + tok
             s = tl.where((pos >= valid_from)[None, :], s, float("-inf"))
             # -- online softmax
@@ -152,25 +151,23 @@ def _pages_kernel(
             l_i = l_i * alpha + tl.sum(prob, axis=1)
             acc = acc * alpha[:, None]
             m_i = m_new
-            # -- p.V of this tile
-            vcodes = _unpack_tile(VC + ph * CODES, tok, BITS, D)
+            # -- p.V of this tile: values per token, dequantized, outliers added densely (row t of the
+            #    tile holds VO entries whose index is the channel)
             vstat = ph * VSTAT + tok[:, None] * (D // G) + (offs_d // G)[None, :]
-            v = (vcodes.to(tl.float32) * tl.load(VS + vstat).to(tl.float32) + tl.load(VZ + vstat).to(tl.float32)).to(dt)
-            acc += tl.dot(prob.to(dt), v)
+            v = _unpack_tile(VC + ph * CODES, tok, BITS, D).to(tl.float32) * tl.load(VS + vstat).to(tl.float32)
+            v += tl.load(VZ + vstat).to(tl.float32)
+            if VO > 0:
+                for j in tl.static_range(VO):
+                    slot = ph * VOUT + tok * VO + j
+                    idx = tl.load(VOI + slot).to(tl.int32)
+                    v += tl.where(offs_d[None, :] == idx[:, None], tl.load(VOV + slot).to(tl.float32)[:, None], 0.0)
+            pd = prob.to(dt)
+            acc += tl.dot(pd, v.to(dt))
             if RANK > 0:
-                av = tl.load(VA + ph * LRA + tok[:, None] * RANK + offs_r[None, :], mask=r_ok[None, :], other=0.0)
-                pa = pa * alpha[:, None] + tl.sum(prob[:, :, None] * av.to(tl.float32)[None, :, :], axis=1)
-            if VO > 0:  # entry (t, j): row t is its slot, the channel is its index
-                j = tl.arange(0, VO_PAD)
-                e_ok = (j < VO)[None, :]
-                vals = tl.load(VOV + ph * VOUT + tok[:, None] * VO + j[None, :], mask=e_ok, other=0.0)
-                idx = tl.load(VOI + ph * VOUT + tok[:, None] * VO + j[None, :], mask=e_ok, other=255)
-                pw = prob[:, :, None] * vals.to(tl.float32)[None, :, :]  # [M, G, VO]
-                pw = tl.reshape(pw, (M_PAD, G * VO_PAD))
-                onehot = tl.reshape(idx.to(tl.int32), (G * VO_PAD,))[:, None] == offs_d[None, :]
-                acc += tl.dot(pw.to(dt), onehot.to(dt))
+                av = tl.load(VA + ph * LRA + tok[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0)
+                pa = pa * alpha[:, None] + tl.dot(pd, av.to(dt))
         if RANK > 0:  # the page's low-rank part of p.V: (p.A_v) B_v^T
-            acc += tl.sum(pa[:, None, :] * bv.to(tl.float32)[None, :, :], axis=2)
+            acc += tl.dot(pa.to(dt), bv_t)
 
     out = (b * (H_KV * GQA) + h * GQA + rows) * splits_total + split_offset + split
     tl.store(M_OUT + out, m_i, mask=row_ok)
@@ -287,8 +284,8 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
                 m, lsum, acc, offset, splits_total)
         launch(_pages_kernel, (bsz * h_kv, splits), args,
             H_KV=h_kv, GQA=gqa, M_PAD=max(16, _next_pow2(gqa)), D=d, BITS=spec_k.bits,
-            PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(2, _next_pow2(rank)),
-            KO=ko, KO_PAD=max(1, _next_pow2(ko)), VO=vo, VO_PAD=max(1, _next_pow2(vo)),
+            PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(16, _next_pow2(rank)),
+            KO=ko, VO=vo,
             PPS=-(-maxp // splits), num_warps=num_warps,
         )
         offset += splits
