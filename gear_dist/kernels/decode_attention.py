@@ -242,7 +242,7 @@ def _num_splits(work: int, max_pages: int, device: torch.device, per_sm: int) ->
 
 
 def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, programs_per_sm: int = 16,
-                          num_warps: int = 4) -> torch.Tensor:
+                          num_warps: int = 2) -> torch.Tensor:
     """Attention of one query token per sequence, ``q [B, H_q, D]``, over a layer's GEAR
     pages and fp16 tail. Returns ``[B, H_q, D]`` in ``q``'s dtype. The keyword arguments are
     tuning knobs (bench/kernels.py sweeps them)."""
