@@ -132,7 +132,7 @@ def test_reorder_then_decompress_equals_decompress_then_reorder(seed):
         assert torch.equal(y, x.index_select(0, order))
     # pages are shared, not copied, and freed with their last user: 90 tokens = 2 prefill pages
     # per sequence; sequence 2's are free now, sequence 3's have two users
-    pool = layer.pools["prefill"]
+    pool = layer.pools[layer.pool_of["prefill"]]
     assert pool.capacity == 8 and pool.used == 6 and max(pool.refs) == 2
     layer.batch_select_indices(torch.tensor([2]))  # keeps what was sequence 0
     assert pool.used == 2 and max(pool.refs) == 1
@@ -163,14 +163,14 @@ def test_decode_streaming_compresses_each_block_once(seed):
     cfg = CompressionConfig.preset("gear", **SMALL_BLOCKS)
     layer, k, v = _filled_layer(cfg, 2, 2, 40, 64)  # one prefill page (32) + tail 8
     pages_before = [s.ids.clone() for s in layer.segments]
-    first = layer.pools["prefill"].read(layer.segments[0].ids)["key"].codes.clone()
+    first = layer.pools[layer.pool_of["prefill"]].read(layer.segments[0].ids)["key"].codes.clone()
     for step in range(40):  # decode one token at a time
         layer.update(torch.randn(2, 2, 1, 64), torch.randn(2, 2, 1, 64))
         layer.commit(None)
         assert layer.tail_k.shape[-2] < cfg.block_size
     assert [s.tokens for s in layer.segments] == [32, 16, 16, 16]
     assert torch.equal(layer.segments[0].ids, pages_before[0])
-    assert torch.equal(layer.pools["prefill"].read(layer.segments[0].ids)["key"].codes, first)  # never touched again
+    assert torch.equal(layer.pools[layer.pool_of["prefill"]].read(layer.segments[0].ids)["key"].codes, first)  # never touched again
 
 
 def test_crop_then_continue_matches_dynamic_cache():

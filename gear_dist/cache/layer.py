@@ -67,13 +67,16 @@ class GearLayer(CacheLayerMixin):
         b, h, _, d = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         self.heads, self.head_dim = h, d
-        self.pools: dict[str, PagePool] = {}
+        self.pools: dict[str, PagePool] = {}  # one pool per page format
+        self.pool_of: dict[str, str] = {}  # "prefill" / "decode" -> the pool holding that role's pages
         if self.compression.compressed:
             c = self.compression
-            self.pools = {
-                "prefill": PagePool(c, c.prefill_block_size, c.rank_prefill, h, d, self.device),
-                "decode": PagePool(c, c.block_size, c.rank, h, d, self.device),
-            }
+            for role, tokens, rank in (("prefill", c.prefill_block_size, c.rank_prefill),
+                                       ("decode", c.block_size, c.rank)):
+                key = f"{tokens}x{rank}"
+                if key not in self.pools:
+                    self.pools[key] = PagePool(c, tokens, rank, h, d, self.device)
+                self.pool_of[role] = key
         self.tail_k = key_states.new_empty((b, h, 0, d))
         self.tail_v = value_states.new_empty((b, h, 0, d))
         self.tail_valid = torch.empty((b, 0), dtype=torch.bool, device=self.device)
@@ -231,12 +234,13 @@ class GearLayer(CacheLayerMixin):
     def nbytes_breakdown(self) -> dict[str, int]:
         if not self.is_initialized:
             return {}
-        out = {f"{name}_pages": pool.nbytes for name, pool in self.pools.items()}
+        out = {f"pages_{name}": pool.nbytes for name, pool in self.pools.items()}
         out["tail"] = sum(t.numel() * t.element_size() for t in (self.tail_k, self.tail_v, self.tail_valid))
         return out
 
     # -- internals ---------------------------------------------------------------------------------
-    def _compress_front(self, pool_name: str) -> None:
+    def _compress_front(self, role: str) -> None:
+        pool_name = self.pool_of[role]
         pool = self.pools[pool_name]
         n = pool.tokens
         count = self.tail_k.shape[-2] // n
