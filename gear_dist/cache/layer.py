@@ -24,7 +24,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from gear_dist import kernels
 from gear_dist.cache.pool import PagePool
-from gear_dist.codec import compress, decompress
+from gear_dist.codec import compress
 from gear_dist.config import CompressionConfig
 
 logger = logging.getLogger(__name__)
@@ -281,10 +281,9 @@ class GearLayer(CacheLayerMixin):
             while j < len(segments) and segments[j].pool == segments[i].pool:
                 j += 1
             ids = torch.stack([s.ids for s in segments[i:j]], dim=1)  # [B, m]
-            blocks = self.pools[segments[i].pool].read(ids)
+            dense = self.pools[segments[i].pool].read_dense(ids, self.dtype)  # [B, m, H, n, dh]
             for kind, out in (("key", ks), ("value", vs)):
-                x = decompress(blocks[kind], self.dtype)  # [B, m, H, n, dh]
-                out.append(x.transpose(1, 2).reshape(b, h, -1, d))
+                out.append(dense[kind].transpose(1, 2).reshape(b, h, -1, d))
             i = j
         return torch.cat(ks, dim=-2), torch.cat(vs, dim=-2)
 

@@ -178,7 +178,7 @@ def _pages_kernel(
 @triton.jit
 def _combine_kernel(
     Q, stride_qb, stride_qh, M_IN, L_IN, ACC_IN, splits_total,
-    TK, TV, stride_tb, stride_th, TAIL_LEN, TAIL_POS, VALID_FROM, OUT,
+    TK, TV, stride_tb, stride_th, TAIL_ROW, TAIL_LEN, TAIL_POS, VALID_FROM, OUT,
     H_Q: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, S_BLOCK: tl.constexpr, T_PAD: tl.constexpr,
 ):
     """Merge the split partials (S_BLOCK at a time) with the fp16 tail, normalise, write [B, H_Q, D]."""
@@ -189,7 +189,7 @@ def _combine_kernel(
     q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_d).to(tl.float32)
     offs_t = tl.arange(0, T_PAD)
     t_ok = (offs_t < tl.load(TAIL_LEN + b)) & (tl.load(TAIL_POS + b) + offs_t >= tl.load(VALID_FROM + b))
-    tail = b * stride_tb + h * stride_th + offs_t[:, None] * D + offs_d[None, :]
+    tail = tl.load(TAIL_ROW + b).to(tl.int64) * stride_tb + h * stride_th + offs_t[:, None] * D + offs_d[None, :]
     tk = tl.load(TK + tail, mask=t_ok[:, None], other=0.0).to(tl.float32)
     st = tl.where(t_ok, tl.sum(q[None, :] * tk, axis=1), float("-inf"))
     m_run = tl.max(st, axis=0)
@@ -223,11 +223,17 @@ class PagedKV:
     fp16 tail, and where each sequence's real tokens begin (left padding)."""
 
     pools: list[tuple["PagePool", torch.Tensor, torch.Tensor, torch.Tensor]]  # pool, table [B, P], pos [B, P], npages [B]
-    tail_k: torch.Tensor  # [B, H_kv, T, D]
+    tail_k: torch.Tensor  # [rows, H_kv, T, D]: the fp16 tails (one row per sequence slot)
     tail_v: torch.Tensor
     tail_len: torch.Tensor  # [B] int32
     tail_pos: torch.Tensor  # [B] int32: absolute position of each tail's first token
     valid_from: torch.Tensor  # [B] int32: positions before this are padding
+    tail_row: torch.Tensor | None = None  # [B] int32: each sequence's row of tail_k/v (None: row b)
+
+    def tail_rows(self) -> torch.Tensor:
+        if self.tail_row is not None:
+            return self.tail_row
+        return torch.arange(self.tail_len.shape[0], dtype=torch.int32, device=self.tail_len.device)
 
 
 def _next_pow2(x: int) -> int:
@@ -292,7 +298,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
     out = torch.empty_like(q)
     tk, tv = kv.tail_k, kv.tail_v
     args = (qs, qs.stride(0), qs.stride(1), m, lsum, acc, splits_total,
-            tk, tv, tk.stride(0), tk.stride(1), kv.tail_len, kv.tail_pos, kv.valid_from, out)
+            tk, tv, tk.stride(0), tk.stride(1), kv.tail_rows(), kv.tail_len, kv.tail_pos, kv.valid_from, out)
     launch(_combine_kernel, (bsz, hq), args,
         H_Q=hq, GQA=gqa, D=d, S_BLOCK=16, T_PAD=max(2, _next_pow2(tk.shape[2])),
         num_warps=4,
@@ -316,9 +322,9 @@ def decode_attention_reference(q: torch.Tensor, kv: PagedKV, scale: float) -> to
             keys.append(decompress(blocks["key"], torch.float32).transpose(0, 1).reshape(h_kv, -1, d))
             values.append(decompress(blocks["value"], torch.float32).transpose(0, 1).reshape(h_kv, -1, d))
             positions.append((pos[b, :n, None] + torch.arange(pool.tokens, device=q.device)).reshape(-1))
-        t = int(kv.tail_len[b])
-        keys.append(kv.tail_k[b, :, :t].float())
-        values.append(kv.tail_v[b, :, :t].float())
+        t, row = int(kv.tail_len[b]), int(kv.tail_rows()[b])
+        keys.append(kv.tail_k[row, :, :t].float())
+        values.append(kv.tail_v[row, :, :t].float())
         positions.append(kv.tail_pos[b] + torch.arange(t, device=q.device))
         k, v, p = torch.cat(keys, 1), torch.cat(values, 1), torch.cat(positions)
         k, v = k.repeat_interleave(hq // h_kv, 0), v.repeat_interleave(hq // h_kv, 0)
