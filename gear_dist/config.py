@@ -56,7 +56,7 @@ class CompressionConfig:
                  f"must lie in [0, 0.5), got {self.outlier_ratio}")
         _require(self.prefill_block_size % self.block_size == 0, "prefill_block_size",
                  f"{self.prefill_block_size} is not a multiple of block_size={self.block_size}")
-        if self.backbone == "kivi":
+        if self.compressed and self.backbone == "kivi":
             _require(self.block_size % self.group_size == 0, "group_size",
                      f"{self.group_size} does not divide block_size={self.block_size} "
                      "(KIVI keys are grouped along tokens)")
@@ -178,12 +178,34 @@ class EvalConfig:
 
 
 @dataclass
+class EngineConfig:
+    """The inference engine (gear_dist.engine): batch, memory budget, chunking."""
+
+    max_num_seqs: int = 64  # sequences decoded together (each holds one fp16 tail slot)
+    kv_cache_gib: float = 0.0  # KV budget; 0 = gpu_memory_fraction of free GPU memory, or 1 GiB on CPU
+    gpu_memory_fraction: float = 0.9
+    max_model_len: int = 0  # prompt + generated tokens per sequence; 0 = the model's maximum
+    prefill_chunk: int = 512  # prompt tokens per forward (chunked prefill)
+    max_waiting: int = 1024  # queued requests beyond which new ones are refused (serving: 429/503)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "prefill_chunk", "max_waiting"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        for name in ("kv_cache_gib", "max_model_len"):
+            _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _require(0 < self.gpu_memory_fraction <= 1, "gpu_memory_fraction",
+                 f"must lie in (0, 1], got {self.gpu_memory_fraction}")
+
+
+@dataclass
 class Config:
     """The whole job: one config flows unchanged from eval and sweep to serve (conf/config.yaml)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     results_dir: str = "bench/results"
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-
-from gear_dist import kernels
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -25,24 +23,16 @@ NAME = "gear"
 
 def gear_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
+    """transformers' attention interface: K/V tagged by a GEAR cache layer are attended by that
+    layer (which knows what it holds); anything else goes to SDPA as usual."""
     layer = getattr(key, "gear_layer", None)
     if layer is None:
-        return _attend(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if kernels.active(query.device) and layer.kernel_ready(query, dropout, kwargs.get("softcap")):
-        from gear_dist.kernels.decode_attention import gear_decode_attention
-
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        out = gear_decode_attention(query[:, :, 0], layer.paged(), scale)  # [B, Hq, D]
-        kernels.launches["decode_attention"] += 1
-        out = (out[:, None], None)  # transformers' layout: [B, q_len, Hq, D]
-    else:
-        keys, values = layer.materialize()
-        out = _attend(module, query, keys, values, attention_mask, dropout, scaling, **kwargs)
-    layer.commit(attention_mask)
-    return out
+        return attend_dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    return layer.attend(module, query, attention_mask, dropout, scaling, **kwargs)
 
 
-def _attend(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+def attend_dense(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+    """SDPA, or eager math when the model soft-caps its logits."""
     softcap = kwargs.pop("softcap", None)
     if softcap is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

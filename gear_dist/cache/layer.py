@@ -167,6 +167,25 @@ class GearLayer(CacheLayerMixin):
         self.length = keep
 
     # -- attention-side API ------------------------------------------------------------------------
+    def attend(self, module, query: torch.Tensor, attention_mask, dropout: float, scaling: float | None, **kwargs):
+        """This step's attention over everything held, then :meth:`commit`. One query token on a
+        kernel-ready layer goes to the Triton decode kernel; otherwise the layer is decompressed
+        (this layer only) and attended by SDPA, the torch reference."""
+        from gear_dist.cache.attention import attend_dense
+
+        if kernels.active(query.device) and self.kernel_ready(query, dropout, kwargs.get("softcap")):
+            from gear_dist.kernels.decode_attention import gear_decode_attention
+
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            out = gear_decode_attention(query[:, :, 0], self.paged(), scale)  # [B, Hq, D]
+            kernels.launches["decode_attention"] += 1
+            result = (out[:, None], None)  # transformers' layout: [B, q_len, Hq, D]
+        else:
+            keys, values = self.materialize()
+            result = attend_dense(module, query, keys, values, attention_mask, dropout, scaling, **kwargs)
+        self.commit(attention_mask)
+        return result
+
     def materialize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All held K and V as ``[B, H, held, d]`` in the model dtype: the torch reference path
         (one layer at a time, freed when the step's attention returns)."""

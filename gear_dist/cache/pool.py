@@ -123,7 +123,7 @@ class PagePool:
     @property
     def page_nbytes(self) -> int:
         """Bytes of one page: K and V of every head."""
-        return sum(t[0].numel() * t.element_size() for parts in self.storage.values() for t in parts.values())
+        return sum(t.shape[1:].numel() * t.element_size() for parts in self.storage.values() for t in parts.values())
 
     @property
     def nbytes(self) -> int:

@@ -1,0 +1,254 @@
+"""The engine: ``step()`` is schedule -> execute -> update (vLLM v1's EngineCore), and
+:class:`LLMEngine` wraps it for batch jobs (``generate``) and servers (async ``stream``).
+
+The engine knows tokenizers only to turn prompts into ids and ids into text for stop strings;
+what attention reads and how memory is spent belong to the KV store and the scheduler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gear_dist.config import CompressionConfig, EngineConfig
+from gear_dist.engine.kv import KVStore
+from gear_dist.engine.request import CompletionOutput, Request, RequestOutput, SamplingParams, Status
+from gear_dist.engine.scheduler import Scheduler
+from gear_dist.engine.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+
+def kv_budget_bytes(config: EngineConfig, device: torch.device) -> int:
+    if config.kv_cache_gib:
+        return int(config.kv_cache_gib * 2**30)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * config.gpu_memory_fraction)
+    return 2**30
+
+
+@dataclass
+class EngineStats:
+    """What operators watch (Prometheus in gear_dist.serve)."""
+
+    waiting: int
+    running: int
+    kv_bytes_in_use: int
+    kv_bytes_capacity: int
+    kv_capacity_tokens: int
+    tokens_held: int
+    compression_ratio: float  # fp16 bytes of the tokens held / bytes they take
+    preemptions: int
+
+
+class EngineCore:
+    def __init__(self, worker, scheduler: Scheduler, tokenizer, eos_ids: Sequence[int]):
+        self.worker, self.scheduler, self.tokenizer = worker, scheduler, tokenizer
+        self.eos_ids = set(eos_ids)
+        self.preemptions = 0
+
+    def step(self) -> list[Request]:
+        """One step; returns the requests that changed (new tokens or finished)."""
+        plan = self.scheduler.schedule()
+        self.preemptions += len(plan.preempted)
+        if plan.empty:
+            return []
+        changed = []
+        for req, token, logprob in self.worker.execute(plan):
+            if req.first_token_time is None:
+                req.first_token_time = time.monotonic()
+            self._append(req, token, logprob)
+            changed.append(req)
+        return changed
+
+    def _append(self, req: Request, token: int, logprob) -> None:
+        p = req.params
+        if not p.ignore_eos and token in self.eos_ids or token in p.stop_token_ids:
+            self.scheduler.finish(req, "stop")
+            return
+        req.output_ids.append(token)
+        if logprob is not None:
+            req.logprobs.append(logprob)
+        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True) if self.tokenizer else ""
+        for stop in p.stop:
+            cut = text.find(stop, max(0, len(req.text) - len(stop)))
+            if cut >= 0:
+                req.text = text[:cut]
+                self.scheduler.finish(req, "stop")
+                return
+        req.text = text
+        if len(req.output_ids) >= p.max_tokens or len(req.all_ids) >= self.scheduler.max_model_len:
+            self.scheduler.finish(req, "length")
+
+    def stats(self) -> EngineStats:
+        store, s = self.worker.store, self.scheduler
+        tails = sum(r.num_computed % store.block for r in s.running)
+        held = sum(r.num_computed for r in s.running)
+        in_use = store.bytes_in_use(tails)
+        return EngineStats(len(s.waiting), len(s.running), in_use, store.nbytes, store.capacity_tokens, held,
+                           store.fp16_bytes(held) / in_use if in_use else 0.0, self.preemptions)
+
+
+class LLMEngine:
+    """Continuous batching over a GEAR KV store.
+
+    ``generate(prompts, params)`` runs a batch to completion (the caller's thread);
+    ``stream(prompt, params)`` yields :class:`RequestOutput` snapshots as tokens arrive, with a
+    background thread stepping the engine; ``abort(id)`` frees a request at once.
+    """
+
+    def __init__(self, model, tokenizer, compression: CompressionConfig, config: EngineConfig | None = None,
+                 worker=None):
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        device = next(model.parameters()).device if model is not None else torch.device("cpu")
+        text = model.config.get_text_config(decoder=True) if model is not None else None
+        if worker is None:
+            store = KVStore(model.config, compression, self.config, next(model.parameters()).dtype, device,
+                            kv_budget_bytes(self.config, device))
+            worker = Worker(model, store)
+        max_len = self.config.max_model_len or getattr(text, "max_position_embeddings", 2**20)
+        self.core = EngineCore(worker, Scheduler(self.config, worker.store, max_len), tokenizer,
+                               _eos_ids(model, tokenizer))
+        self._groups: dict[str, list[Request]] = {}
+        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # -- requests -----------------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request (``n`` sequences); raises ValueError for bad input, QueueFull when full."""
+        params = params or SamplingParams()
+        ids = self.tokenizer(prompt).input_ids if isinstance(prompt, str) else list(prompt)
+        group = []
+        rid = request_id or f"req-{time.monotonic_ns()}"
+        with self._lock:
+            if rid in self._groups:
+                raise ValueError(f"request_id: {rid!r} is already in flight")
+            for i in range(params.n):
+                seed = None if params.seed is None else params.seed + i
+                sub = SamplingParams(**{**vars(params), "n": 1, "seed": seed})
+                req = Request(ids, sub, request_id=f"{rid}#{i}")
+                self.core.scheduler.add(req)
+                group.append(req)
+            self._groups[rid] = group
+        self._wake.set()
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now (a client went away): its memory is freed before the next step."""
+        with self._lock:
+            for req in self._groups.get(request_id, []):
+                if not req.finished:
+                    self.core.scheduler.finish(req, "abort")
+        self._publish({request_id})
+
+    def output(self, request_id: str) -> RequestOutput:
+        group = self._groups[request_id]
+        first = group[0]
+        outs = [CompletionOutput(i, r.text, list(r.output_ids), r.finish_reason,
+                                 list(r.logprobs) if r.params.logprobs is not None else None)
+                for i, r in enumerate(group)]
+        ttft = None if first.first_token_time is None else first.first_token_time - first.arrival
+        return RequestOutput(request_id, first.prompt_ids, outs, all(r.finished for r in group),
+                             len(first.prompt_ids), sum(len(r.output_ids) for r in group), ttft)
+
+    # -- batch ----------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Run ``prompts`` to completion in this thread; outputs in prompt order."""
+        ids = [self.add_request(p, params) for p in prompts]
+        while not all(self.output(i).finished for i in ids):
+            with self._lock:
+                self.core.step()
+        outs = [self.output(i) for i in ids]
+        for i in ids:
+            self._groups.pop(i)
+        return outs
+
+    def step(self) -> None:
+        with self._lock:
+            changed = self.core.step()
+        self._publish({r.request_id.rsplit("#", 1)[0] for r in changed})
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self.core.stats()
+
+    # -- streaming ------------------------------------------------------------------------------------
+    async def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+                     request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Snapshots of the request as it advances; the last one has ``finished=True``. Leaving
+        the iterator early (a disconnect) aborts the request."""
+        queue: asyncio.Queue = asyncio.Queue()
+        rid = self.add_request(prompt, params, request_id)
+        self._listeners[rid] = (asyncio.get_running_loop(), queue)
+        self._ensure_thread()
+        try:
+            while True:
+                out = await queue.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if out.finished:
+                    return
+        finally:
+            self._listeners.pop(rid, None)
+            if not self.output(rid).finished:
+                self.abort(rid)
+            self._groups.pop(rid, None)
+
+    def _publish(self, request_ids: set[str]) -> None:
+        for rid in request_ids:
+            listener = self._listeners.get(rid)
+            if listener and rid in self._groups:
+                loop, queue = listener
+                loop.call_soon_threadsafe(queue.put_nowait, self.output(rid))
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="gear-engine", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            if not self.core.scheduler.has_work:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except BaseException as exc:  # surface to every waiting client instead of hanging them
+                logger.exception("engine step failed")
+                self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            failed = list(self._listeners.items())
+            for rid, _ in failed:
+                for req in self._groups.get(rid, []):
+                    if not req.finished:
+                        self.core.scheduler.finish(req, "error")
+        for _, (loop, queue) in failed:
+            loop.call_soon_threadsafe(queue.put_nowait, RuntimeError(f"engine failed: {exc}"))
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    for e in (eos if isinstance(eos, list) else [eos]):
+        if e is not None:
+            ids.add(int(e))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)

@@ -1,0 +1,264 @@
+"""The engine's KV memory and the per-step view a transformers model attends through.
+
+Memory: for every layer a page pool of ``block_size``-token pages (GEAR-compressed, or dense fp16
+for the baseline), all sharing one :class:`PageAllocator` so a page id names the same tokens in
+every layer, plus one fp16 tail row per running sequence (fewer than ``block_size`` tokens).
+The budget is counted in bytes: pages x bytes per page + tail rows.
+
+A step hands the model an :class:`EngineCache` (a transformers ``Cache``) whose layers tag the
+step's K/V with a :class:`StepLayer`; the ``gear`` attention implementation then calls
+``StepLayer.attend``, which reads pages + tail + the step's tokens, and stores the step's tokens:
+full blocks into the pages the scheduler allocated, the rest into the tail.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from gear_dist import kernels
+from gear_dist.cache.pool import PageAllocator, PagePool
+from gear_dist.codec import compress
+from gear_dist.config import CompressionConfig, EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+def model_geometry(model_config) -> tuple[int, int, int, int]:
+    """(layers, KV heads, head dim, query heads) of a transformers config."""
+    text = model_config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return text.num_hidden_layers, getattr(text, "num_key_value_heads", heads), head_dim, heads
+
+
+class KVStore:
+    """Pages and tails for every layer, sized from a byte budget."""
+
+    def __init__(self, model_config, compression: CompressionConfig, engine: EngineConfig, dtype: torch.dtype,
+                 device: torch.device, budget_bytes: int, kv_heads: int | None = None):
+        if compression.prefill_block_size != compression.block_size or compression.rank_prefill != compression.rank:
+            raise ValueError("prefill_block_size: the engine keeps every page in one format; set prefill_block_size "
+                             f"= block_size ({compression.block_size}) and rank_prefill = rank ({compression.rank})")
+        layers, heads, head_dim, _ = model_geometry(model_config)
+        heads = kv_heads or heads  # a tensor-parallel rank holds its share of the KV heads
+        self.compression, self.layers, self.heads, self.head_dim = compression, layers, heads, head_dim
+        self.block = compression.block_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.slots = engine.max_num_seqs
+        itemsize = torch.tensor([], dtype=dtype).element_size()
+        self.tail_bytes = layers * 2 * self.slots * heads * self.block * head_dim * itemsize
+        probe = PagePool(compression, self.block, compression.rank, heads, head_dim, "meta", dtype=dtype)
+        self.page_bytes = layers * probe.page_nbytes  # one page id across all layers
+        capacity = (budget_bytes - self.tail_bytes) // self.page_bytes
+        if capacity < 1:
+            raise ValueError(f"kv_cache_gib: a budget of {budget_bytes / 2**30:.3f} GiB does not hold the "
+                             f"{self.tail_bytes / 2**30:.3f} GiB of tails plus one page")
+        self.allocator = PageAllocator(capacity, growable=False)
+        self.pools = [PagePool(compression, self.block, compression.rank, heads, head_dim, device, dtype=dtype,
+                               allocator=self.allocator) for _ in range(layers)]
+        self.tail_k = [torch.zeros(self.slots, heads, self.block, head_dim, dtype=dtype, device=device)
+                       for _ in range(layers)]
+        self.tail_v = [torch.zeros_like(t) for t in self.tail_k]
+        self.free_slots = list(range(self.slots - 1, -1, -1))
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.allocator.capacity * self.block + self.slots * (self.block - 1)
+
+    @property
+    def nbytes(self) -> int:
+        return self.allocator.capacity * self.page_bytes + self.tail_bytes
+
+    def bytes_in_use(self, tail_tokens: int) -> int:
+        itemsize = torch.tensor([], dtype=self.dtype).element_size()
+        return self.allocator.used * self.page_bytes + self.layers * 2 * self.heads * self.head_dim * itemsize * tail_tokens
+
+    def fp16_bytes(self, tokens: int) -> int:
+        """What ``tokens`` tokens would take in a dense fp16 cache (the compression ratio's numerator)."""
+        return self.layers * 2 * self.heads * self.head_dim * 2 * tokens
+
+    def take_slot(self) -> int:
+        return self.free_slots.pop()
+
+    def give_slot(self, slot: int) -> None:
+        self.free_slots.append(slot)
+
+
+@dataclass
+class SeqStep:
+    """One sequence's part of a step: its tokens [start, end) and the pages it fills."""
+
+    pages: list[int]  # all its pages after this step (the last ``new_pages`` are filled now)
+    new_pages: int
+    slot: int
+    start: int  # tokens already stored (pages * block + tail)
+    end: int
+
+
+class StepLayer(CacheLayerMixin):
+    """One layer's view of a step; the ``gear`` attention finds it through the K/V tag."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, store: KVStore, layer: int, seqs: list[SeqStep]):
+        super().__init__()
+        self.store, self.layer, self.seqs = store, layer, seqs
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return query_length, 0  # the mask is not used: attend() knows every sequence's extent
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.new_k, self.new_v = key_states, value_states  # [B, H, T, d]
+        key_states, value_states = key_states.clone(), value_states.clone()
+        key_states.gear_layer = value_states.gear_layer = self
+        return key_states, value_states
+
+    # -- attention --------------------------------------------------------------------------------
+    def attend(self, module, query: torch.Tensor, attention_mask, dropout: float, scaling: float | None, **kwargs):
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        if query.shape[2] == 1:
+            out = self._decode(query, scale)  # [B, Hq, D]
+            out = out[:, None]
+        else:
+            out = self._prefill(query, scale).transpose(1, 2)  # [1, T, Hq, D]
+        self._store()
+        return out, None
+
+    def _prefill(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """One sequence's chunk: its pages + tail + the chunk, causal within the chunk."""
+        (seq,) = self.seqs
+        keys, values = self._history(seq)
+        k = torch.cat([keys, self.new_k[0]], dim=1)[None]
+        v = torch.cat([values, self.new_v[0]], dim=1)[None]
+        t = query.shape[2]
+        qpos = seq.start + torch.arange(t, device=query.device)
+        mask = torch.arange(seq.start + t, device=query.device)[None, :] <= qpos[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale,
+                                                                enable_gqa=True)
+
+    def _decode(self, query: torch.Tensor, scale: float) -> torch.Tensor:
+        """One new token per sequence over pages + tail (new token written into the tail first)."""
+        store, layer = self.store, self.layer
+        rows = torch.tensor([s.slot for s in self.seqs], device=query.device)
+        cols = torch.tensor([s.start % store.block for s in self.seqs], device=query.device)
+        store.tail_k[layer][rows, :, cols] = self.new_k[:, :, 0]
+        store.tail_v[layer][rows, :, cols] = self.new_v[:, :, 0]
+        q = query[:, :, 0]
+        if (kernels.active(query.device) and store.compression.compressed
+                and kernels.supports(store.compression, store.block, store.head_dim)):
+            from gear_dist.kernels.decode_attention import gear_decode_attention
+
+            kernels.launches["decode_attention"] += 1
+            return gear_decode_attention(q, self._paged(rows, cols), scale)
+        return self._decode_reference(q, scale, rows, cols)
+
+    def _paged(self, rows: torch.Tensor, cols: torch.Tensor):
+        from gear_dist.kernels.decode_attention import PagedKV
+
+        store, dev = self.store, self.store.device
+        full = [s.pages[: s.start // store.block] for s in self.seqs]  # pages written before this step
+        width = max(1, max(map(len, full)))
+        table = torch.zeros(len(full), width, dtype=torch.int32)
+        for i, p in enumerate(full):
+            table[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
+        i32 = dict(dtype=torch.int32, device=dev)
+        npages = torch.tensor([len(p) for p in full], **i32)
+        pos = (torch.arange(width, **i32) * store.block).expand(len(full), width).contiguous()
+        return PagedKV([(store.pools[self.layer], table.to(dev), pos, npages)], store.tail_k[self.layer],
+                       store.tail_v[self.layer], (cols + 1).int(), npages * store.block,
+                       torch.zeros(len(full), **i32), rows.int())
+
+    def _decode_reference(self, q: torch.Tensor, scale: float, rows, cols) -> torch.Tensor:
+        """Batched torch path: every sequence's pages decompressed (this layer only) and padded."""
+        hist = [self._history(s, include_tail_token=True) for s in self.seqs]
+        longest = max(k.shape[1] for k, _ in hist)
+        b, h, d = len(hist), self.store.heads, self.store.head_dim
+        keys = q.new_zeros(b, h, longest, d)
+        values = q.new_zeros(b, h, longest, d)
+        valid = torch.zeros(b, 1, 1, longest, dtype=torch.bool, device=q.device)
+        for i, (k, v) in enumerate(hist):
+            keys[i, :, : k.shape[1]], values[i, :, : v.shape[1]] = k, v
+            valid[i, ..., : k.shape[1]] = True
+        out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=valid,
+                                                               scale=scale, enable_gqa=True)
+        return out[:, :, 0]
+
+    def _history(self, seq: SeqStep, include_tail_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """[H, tokens, d] K and V of a sequence's stored tokens (plus the decode token in its tail)."""
+        store = self.store
+        done = seq.start // store.block
+        tail = seq.start % store.block + int(include_tail_token)
+        k_tail = store.tail_k[self.layer][seq.slot, :, :tail]
+        v_tail = store.tail_v[self.layer][seq.slot, :, :tail]
+        if done == 0:
+            return k_tail, v_tail
+        ids = torch.tensor(seq.pages[:done], device=store.device)
+        dense = store.pools[self.layer].read_dense(ids, store.dtype)  # [pages, H, block, d]
+        k = dense["key"].transpose(0, 1).reshape(store.heads, -1, store.head_dim)
+        v = dense["value"].transpose(0, 1).reshape(store.heads, -1, store.head_dim)
+        return torch.cat([k, k_tail], dim=1), torch.cat([v, v_tail], dim=1)
+
+    # -- storing the step's tokens ----------------------------------------------------------------------
+    def _store(self) -> None:
+        """Tail + the step's tokens -> whole blocks into the new pages (compressed once), the rest
+        back into the tail."""
+        store, layer, n = self.store, self.layer, self.store.block
+        blocks_k, blocks_v, ids = [], [], []
+        decode = self.new_k.shape[2] == 1
+        for i, seq in enumerate(self.seqs):
+            fill = seq.start % n
+            if decode:  # the token is in the tail already
+                if seq.new_pages:
+                    blocks_k.append(store.tail_k[layer][seq.slot][None])
+                    blocks_v.append(store.tail_v[layer][seq.slot][None])
+                    ids += seq.pages[-1:]
+                continue
+            k = torch.cat([store.tail_k[layer][seq.slot, :, :fill], self.new_k[i]], dim=1)  # [H, fill+T, d]
+            v = torch.cat([store.tail_v[layer][seq.slot, :, :fill], self.new_v[i]], dim=1)
+            full = seq.new_pages * n
+            if full:
+                blocks_k.append(k[:, :full].reshape(store.heads, seq.new_pages, n, -1).transpose(0, 1))
+                blocks_v.append(v[:, :full].reshape(store.heads, seq.new_pages, n, -1).transpose(0, 1))
+                ids += seq.pages[-seq.new_pages:]
+            rest = k.shape[1] - full
+            store.tail_k[layer][seq.slot, :, :rest] = k[:, full:]
+            store.tail_v[layer][seq.slot, :, :rest] = v[:, full:]
+        if ids:
+            self._write_pages(torch.cat(blocks_k), torch.cat(blocks_v), ids)
+
+    def _write_pages(self, k: torch.Tensor, v: torch.Tensor, ids: list[int]) -> None:
+        """Blocks ``[pages, H, block, d]`` into page ids: compressed once (kernel on CUDA)."""
+        pool, cfg = self.store.pools[self.layer], self.store.compression
+        page_ids = torch.tensor(ids, device=self.store.device)
+        if not cfg.compressed:
+            pool.write(page_ids, {"key": k, "value": v})
+        elif kernels.active(k.device) and kernels.supports_compress(cfg, self.store.block, self.store.head_dim):
+            from gear_dist.kernels.compress import compress_into_pool
+
+            for kind, x in (("key", k), ("value", v)):
+                compress_into_pool(x.contiguous(), kind, pool, page_ids)
+            kernels.launches["compress"] += 2
+        else:
+            pool.write(page_ids, {kind: compress(x, kind, cfg, cfg.rank) for kind, x in (("key", k), ("value", v))})
+
+
+class EngineCache(Cache):
+    """The step's view of the store as a transformers ``Cache``."""
+
+    def __init__(self, store: KVStore, seqs: list[SeqStep]):
+        super().__init__(layers=[StepLayer(store, i, seqs) for i in range(store.layers)])

@@ -1,0 +1,126 @@
+"""Continuous batching, CPU-only bookkeeping (no model): what each step computes, and memory.
+
+A step is ``{request: tokens to compute}``: every running request with one uncomputed token
+decodes, and at most one request advances its prefill by a chunk (vLLM v1's "no prefill or
+decode phase"). Memory is admitted by pages, i.e. bytes: a request enters only when the pool
+can hold its prompt; a decode token that completes a block takes a page, and when none is free
+the youngest request is preempted (its pages freed, to be recomputed later). Nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from gear_dist.config import EngineConfig
+from gear_dist.engine.kv import KVStore, SeqStep
+from gear_dist.engine.request import Request, Status
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerOutput:
+    prefill: tuple[Request, SeqStep] | None = None  # one chunk of one request
+    decode: list[tuple[Request, SeqStep]] = field(default_factory=list)  # one token each
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self.prefill is None and not self.decode
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, store: KVStore, max_model_len: int):
+        self.config, self.store, self.max_model_len = config, store, max_model_len
+        self.block = store.block
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+
+    # -- requests ----------------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        total = len(req.prompt_ids) + req.params.max_tokens
+        if len(req.prompt_ids) == 0:
+            raise ValueError("prompt: is empty")
+        if total > self.max_model_len:
+            raise ValueError(f"prompt: {len(req.prompt_ids)} prompt tokens + max_tokens {req.params.max_tokens} "
+                             f"exceed the context of {self.max_model_len} tokens")
+        if total // self.block > self.store.allocator.capacity:
+            raise ValueError(f"prompt: needs {total} tokens of KV, more than the engine's memory holds "
+                             f"({self.store.capacity_tokens} tokens)")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.config.max_waiting})")
+        self.waiting.append(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        req.status, req.finish_reason = Status.FINISHED, reason
+        if req in self.running:
+            self.running.remove(req)
+            self._free(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- a step ---------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        alloc = self.store.allocator
+        decoding = [r for r in self.running if r.uncomputed == 1]
+        completes = lambda r: (r.num_computed + 1) % self.block == 0  # noqa: E731
+        while sum(map(completes, decoding)) > alloc.free:  # a block completes and no page is free
+            victim = max(self.running, key=lambda r: r.arrival)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            decoding = [r for r in decoding if r is not victim]
+        for r in decoding:
+            new = int(completes(r))
+            if new:
+                r.pages += alloc.allocate(1)
+            out.decode.append((r, SeqStep(r.pages, new, r.slot, r.num_computed, r.num_computed + 1)))
+
+        pre = next((r for r in self.running if r.uncomputed > 1), None) or self._admit()
+        if pre is not None:
+            end = pre.num_computed + min(self.config.prefill_chunk, pre.uncomputed)
+            new = end // self.block - len(pre.pages)
+            if new <= alloc.free:
+                pre.pages += alloc.allocate(new)
+                out.prefill = (pre, SeqStep(pre.pages, new, pre.slot, pre.num_computed, end))
+        return out
+
+    def _admit(self) -> Request | None:
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs or not self.store.free_slots:
+            return None
+        req = self.waiting[0]
+        if len(req.all_ids) // self.block + 1 > self.store.allocator.free:
+            return None  # wait for memory: it frees as requests finish
+        self.waiting.popleft()
+        req.status, req.slot = Status.RUNNING, self.store.take_slot()
+        if req.generator is None and req.params.seed is not None:
+            req.generator = torch.Generator(device=self.store.device).manual_seed(req.params.seed)
+        self.running.append(req)
+        return req
+
+    def _preempt(self, req: Request) -> None:
+        """Free everything; the request recomputes its prompt and output so far when readmitted."""
+        logger.info("preempting %s (%d tokens computed)", req.request_id, req.num_computed)
+        self.running.remove(req)
+        self._free(req)
+        req.status, req.num_computed, req.preemptions = Status.WAITING, 0, req.preemptions + 1
+        self.waiting.appendleft(req)
+
+    def _free(self, req: Request) -> None:
+        self.store.allocator.release(req.pages)
+        req.pages = []
+        if req.slot is not None:
+            self.store.give_slot(req.slot)
+            req.slot = None
+
+
+class QueueFull(RuntimeError):
+    """Too many requests are waiting; the caller should retry later (HTTP 429/503)."""
