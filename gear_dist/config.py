@@ -199,6 +199,26 @@ class EngineConfig:
 
 
 @dataclass
+class BenchConfig:
+    """jobs/bench.py: offline engine throughput for several compression methods in one run."""
+
+    methods: list[str] = field(default_factory=lambda: ["fp16", "kivi", "gear"])  # conf/compression names
+    num_prompts: int = 256
+    prompt_len: int = 1024
+    new_tokens: int = 512
+    max_num_seqs: int = 1024
+    hf_baseline: bool = True
+    hf_batches: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
+    hf_new_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_prompts", "prompt_len", "new_tokens", "max_num_seqs", "hf_new_tokens"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(bool(self.methods), "methods", "must name at least one compression config")
+
+
+@dataclass
 class Config:
     """The whole job: one config flows unchanged from eval and sweep to serve (conf/config.yaml)."""
 
@@ -206,6 +226,7 @@ class Config:
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     results_dir: str = "bench/results"
 
 

@@ -55,10 +55,10 @@ def test_engine_equals_transformers_generate(real_model):
 def test_a_full_pool_queues_preempts_and_loses_nothing(real_model):
     eng = engine(real_model, CONFIGS["fp16"])
     alone = [o.outputs[0].token_ids for o in eng.generate(PROMPTS, GREEDY)]
-    store = eng.core.worker.store
+    layout = eng.core.scheduler.layout
     pages = 10  # 160 tokens in pages: two or three of the eight ~60-token sequences at a time
-    small = engine(real_model, CONFIGS["fp16"], kv_cache_gib=(store.tail_bytes + pages * store.page_bytes) / 2**30)
-    assert small.core.worker.store.allocator.capacity == pages
+    small = engine(real_model, CONFIGS["fp16"], kv_cache_gib=layout.nbytes(pages) / 2**30)
+    assert small.core.scheduler.allocator.capacity == pages
     ids = [small.add_request(p, GREEDY) for p in PROMPTS * 2]
     small.step()
     assert small.stats().waiting > 0  # queued, not refused, not crashed
@@ -74,8 +74,8 @@ def test_decode_overflow_preempts_the_youngest_and_recomputes_it(real_model):
     long = SamplingParams(max_tokens=70, temperature=0.0, ignore_eos=True)
     prompts = ["Once upon a time", "In 1905, Einstein", "The mitochondria"]
     alone = [o.outputs[0].token_ids for o in engine(real_model, CONFIGS["kivi8"]).generate(prompts, long)]
-    store = engine(real_model, CONFIGS["kivi8"]).core.worker.store
-    small = engine(real_model, CONFIGS["kivi8"], kv_cache_gib=(store.tail_bytes + 10 * store.page_bytes) / 2**30)
+    layout = engine(real_model, CONFIGS["kivi8"]).core.scheduler.layout
+    small = engine(real_model, CONFIGS["kivi8"], kv_cache_gib=layout.nbytes(10) / 2**30)
     outs = small.generate(prompts, long)  # all three start; together they outgrow 10 pages
     assert small.core.preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == alone

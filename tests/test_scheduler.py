@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gear_dist.config import CompressionConfig, EngineConfig
-from gear_dist.engine.kv import KVStore
+from gear_dist.engine.kv import KVLayout
 from gear_dist.engine.request import Request, SamplingParams, Status
 from gear_dist.engine.scheduler import QueueFull, Scheduler
 from gear_dist.models import random_config
@@ -16,9 +16,7 @@ COMP = CompressionConfig.preset("fp16", block_size=8, prefill_block_size=8)
 
 def make(pages: int, max_num_seqs: int = 4, chunk: int = 16, max_waiting: int = 100) -> Scheduler:
     engine = EngineConfig(max_num_seqs=max_num_seqs, prefill_chunk=chunk, max_waiting=max_waiting)
-    probe = KVStore(CFG, COMP, engine, torch.float32, "cpu", budget_bytes=10**9)
-    budget = probe.tail_bytes + pages * probe.page_bytes
-    return Scheduler(engine, KVStore(CFG, COMP, engine, torch.float32, "cpu", budget), max_model_len=10_000)
+    return Scheduler(engine, KVLayout.of(CFG, COMP, engine, torch.float32), pages, max_model_len=10_000)
 
 
 def run_step(s: Scheduler, out=None) -> None:
@@ -42,7 +40,7 @@ def test_prefill_is_chunked_then_decodes_one_token_per_step():
         ends.append(("prefill", out.prefill[1].end) if out.prefill else ("decode", out.decode[0][1].end))
         run_step(s, out)
     assert ends == [("prefill", 16), ("prefill", 32), ("prefill", 40), ("decode", 41), ("decode", 42)]
-    assert s.store.allocator.used == 0 and len(s.store.free_slots) == 4  # freed at once
+    assert s.allocator.used == 0 and len(s.free_slots) == 4  # freed at once
 
 
 def test_pages_follow_blocks():
@@ -69,7 +67,7 @@ def test_admission_by_memory_queues_and_completes_everything():
             break
         run_step(s)
         running_max = max(running_max, len(s.running))
-        assert s.store.allocator.used <= 6
+        assert s.allocator.used <= 6
     assert all(r.finished and r.finish_reason == "length" for r in reqs)
     assert running_max < 5  # memory, not the batch limit, held some back
 

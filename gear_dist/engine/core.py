@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from gear_dist.config import CompressionConfig, EngineConfig
-from gear_dist.engine.kv import KVStore
-from gear_dist.engine.request import CompletionOutput, Request, RequestOutput, SamplingParams, Status
+from gear_dist.engine.kv import KVLayout, KVStore
+from gear_dist.engine.request import CompletionOutput, Request, RequestOutput, SamplingParams
 from gear_dist.engine.scheduler import Scheduler
-from gear_dist.engine.worker import Worker
+from gear_dist.engine.worker import StepPlan, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,9 @@ class EngineStats:
 
 
 class EngineCore:
+    """``step()``: schedule -> execute -> update. ``worker`` is a local :class:`Worker` or a
+    tensor-parallel group presenting the same ``execute(StepPlan)``."""
+
     def __init__(self, worker, scheduler: Scheduler, tokenizer, eos_ids: Sequence[int]):
         self.worker, self.scheduler, self.tokenizer = worker, scheduler, tokenizer
         self.eos_ids = set(eos_ids)
@@ -56,12 +59,20 @@ class EngineCore:
 
     def step(self) -> list[Request]:
         """One step; returns the requests that changed (new tokens or finished)."""
-        plan = self.scheduler.schedule()
-        self.preemptions += len(plan.preempted)
-        if plan.empty:
+        out = self.scheduler.schedule()
+        self.preemptions += len(out.preempted)
+        if out.empty:
             return []
+        finished, self.scheduler.finished_ids = self.scheduler.finished_ids, []
+        plan = StepPlan.of(out, finished)
+        if plan.prefill is not None:
+            out.prefill[0].num_computed = plan.prefill.seq.end
+        for req, _ in out.decode:
+            req.num_computed += 1
+        by_id = {r.request_id: r for r in self.scheduler.running}
         changed = []
-        for req, token, logprob in self.worker.execute(plan):
+        for rid, token, logprob in self.worker.execute(plan):
+            req = by_id[rid]
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
             self._append(req, token, logprob)
@@ -88,12 +99,13 @@ class EngineCore:
             self.scheduler.finish(req, "length")
 
     def stats(self) -> EngineStats:
-        store, s = self.worker.store, self.scheduler
-        tails = sum(r.num_computed % store.block for r in s.running)
+        s = self.scheduler
+        layout, pages = s.layout, s.allocator.capacity
+        tails = sum(r.num_computed % layout.block for r in s.running)
         held = sum(r.num_computed for r in s.running)
-        in_use = store.bytes_in_use(tails)
-        return EngineStats(len(s.waiting), len(s.running), in_use, store.nbytes, store.capacity_tokens, held,
-                           store.fp16_bytes(held) / in_use if in_use else 0.0, self.preemptions)
+        in_use = layout.bytes_in_use(s.allocator.used, tails)
+        return EngineStats(len(s.waiting), len(s.running), in_use, layout.nbytes(pages), layout.capacity_tokens(pages),
+                           held, layout.fp16_bytes(held) / in_use if in_use else 0.0, self.preemptions)
 
 
 class LLMEngine:
@@ -104,19 +116,29 @@ class LLMEngine:
     background thread stepping the engine; ``abort(id)`` frees a request at once.
     """
 
-    def __init__(self, model, tokenizer, compression: CompressionConfig, config: EngineConfig | None = None,
-                 worker=None):
-        self.config = config or EngineConfig()
-        self.tokenizer = tokenizer
-        device = next(model.parameters()).device if model is not None else torch.device("cpu")
-        text = model.config.get_text_config(decoder=True) if model is not None else None
-        if worker is None:
-            store = KVStore(model.config, compression, self.config, next(model.parameters()).dtype, device,
-                            kv_budget_bytes(self.config, device))
-            worker = Worker(model, store)
-        max_len = self.config.max_model_len or getattr(text, "max_position_embeddings", 2**20)
-        self.core = EngineCore(worker, Scheduler(self.config, worker.store, max_len), tokenizer,
-                               _eos_ids(model, tokenizer))
+    def __init__(self, model, tokenizer, compression: CompressionConfig, config: EngineConfig | None = None):
+        """A single-process engine over ``model`` (see :meth:`from_worker` for a sharded one)."""
+        config = config or EngineConfig()
+        param = next(model.parameters())
+        layout = KVLayout.of(model.config, compression, config, param.dtype)
+        pages = layout.pages_for(kv_budget_bytes(config, param.device))
+        worker = Worker(model, KVStore(layout, compression, pages, param.dtype, param.device))
+        self._setup(worker, layout, pages, model.config, getattr(model, "generation_config", None), tokenizer, config)
+
+    @classmethod
+    def from_worker(cls, worker, layout: KVLayout, pages: int, model_config, generation_config, tokenizer,
+                    config: EngineConfig) -> "LLMEngine":
+        """An engine driving ``worker`` (e.g. a tensor-parallel group) whose KV has ``pages``."""
+        engine = cls.__new__(cls)
+        engine._setup(worker, layout, pages, model_config, generation_config, tokenizer, config)
+        return engine
+
+    def _setup(self, worker, layout, pages, model_config, generation_config, tokenizer, config) -> None:
+        self.config, self.tokenizer = config, tokenizer
+        text = model_config.get_text_config(decoder=True)
+        max_len = config.max_model_len or getattr(text, "max_position_embeddings", 2**20)
+        self.core = EngineCore(worker, Scheduler(config, layout, pages, max_len), tokenizer,
+                               _eos_ids(generation_config, tokenizer))
         self._groups: dict[str, list[Request]] = {}
         self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
@@ -242,10 +264,9 @@ class LLMEngine:
             loop.call_soon_threadsafe(queue.put_nowait, RuntimeError(f"engine failed: {exc}"))
 
 
-def _eos_ids(model, tokenizer) -> list[int]:
+def _eos_ids(generation_config, tokenizer) -> list[int]:
     ids = set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    eos = getattr(generation_config, "eos_token_id", None)
     for e in (eos if isinstance(eos, list) else [eos]):
         if e is not None:
             ids.add(int(e))

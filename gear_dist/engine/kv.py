@@ -35,57 +35,69 @@ def model_geometry(model_config) -> tuple[int, int, int, int]:
     return text.num_hidden_layers, getattr(text, "num_key_value_heads", heads), head_dim, heads
 
 
-class KVStore:
-    """Pages and tails for every layer, sized from a byte budget."""
+@dataclass(frozen=True)
+class KVLayout:
+    """Sizes of the engine's KV memory, without any tensor: what the scheduler (which may live in
+    another process than the shards) needs to count pages and bytes."""
 
-    def __init__(self, model_config, compression: CompressionConfig, engine: EngineConfig, dtype: torch.dtype,
-                 device: torch.device, budget_bytes: int, kv_heads: int | None = None):
+    layers: int
+    heads: int  # KV heads this process holds (a tensor-parallel rank: num_kv_heads / tp)
+    head_dim: int
+    block: int  # tokens per page
+    slots: int  # fp16 tail rows (= max_num_seqs)
+    itemsize: int  # bytes of the model dtype (tails, dense pages)
+    page_bytes: int  # one page id across all layers
+    tail_bytes: int  # all tail rows across all layers
+
+    @classmethod
+    def of(cls, model_config, compression: CompressionConfig, engine: EngineConfig, dtype: torch.dtype,
+           tp: int = 1) -> "KVLayout":
         if compression.prefill_block_size != compression.block_size or compression.rank_prefill != compression.rank:
             raise ValueError("prefill_block_size: the engine keeps every page in one format; set prefill_block_size "
                              f"= block_size ({compression.block_size}) and rank_prefill = rank ({compression.rank})")
-        layers, heads, head_dim, _ = model_geometry(model_config)
-        heads = kv_heads or heads  # a tensor-parallel rank holds its share of the KV heads
-        self.compression, self.layers, self.heads, self.head_dim = compression, layers, heads, head_dim
-        self.block = compression.block_size
-        self.dtype, self.device = dtype, torch.device(device)
-        self.slots = engine.max_num_seqs
+        layers, kv_heads, head_dim, _ = model_geometry(model_config)
+        heads = kv_heads // tp
+        block = compression.block_size
         itemsize = torch.tensor([], dtype=dtype).element_size()
-        self.tail_bytes = layers * 2 * self.slots * heads * self.block * head_dim * itemsize
-        probe = PagePool(compression, self.block, compression.rank, heads, head_dim, "meta", dtype=dtype)
-        self.page_bytes = layers * probe.page_nbytes  # one page id across all layers
-        capacity = (budget_bytes - self.tail_bytes) // self.page_bytes
-        if capacity < 1:
+        probe = PagePool(compression, block, compression.rank, heads, head_dim, "meta", dtype=dtype)
+        return cls(layers, heads, head_dim, block, engine.max_num_seqs, itemsize, layers * probe.page_nbytes,
+                   layers * 2 * engine.max_num_seqs * heads * block * head_dim * itemsize)
+
+    def pages_for(self, budget_bytes: int) -> int:
+        pages = (budget_bytes - self.tail_bytes) // self.page_bytes
+        if pages < 1:
             raise ValueError(f"kv_cache_gib: a budget of {budget_bytes / 2**30:.3f} GiB does not hold the "
                              f"{self.tail_bytes / 2**30:.3f} GiB of tails plus one page")
-        self.allocator = PageAllocator(capacity, growable=False)
-        self.pools = [PagePool(compression, self.block, compression.rank, heads, head_dim, device, dtype=dtype,
-                               allocator=self.allocator) for _ in range(layers)]
-        self.tail_k = [torch.zeros(self.slots, heads, self.block, head_dim, dtype=dtype, device=device)
-                       for _ in range(layers)]
-        self.tail_v = [torch.zeros_like(t) for t in self.tail_k]
-        self.free_slots = list(range(self.slots - 1, -1, -1))
+        return pages
 
-    @property
-    def capacity_tokens(self) -> int:
-        return self.allocator.capacity * self.block + self.slots * (self.block - 1)
+    def capacity_tokens(self, pages: int) -> int:
+        return pages * self.block + self.slots * (self.block - 1)
 
-    @property
-    def nbytes(self) -> int:
-        return self.allocator.capacity * self.page_bytes + self.tail_bytes
+    def nbytes(self, pages: int) -> int:
+        return pages * self.page_bytes + self.tail_bytes
 
-    def bytes_in_use(self, tail_tokens: int) -> int:
-        itemsize = torch.tensor([], dtype=self.dtype).element_size()
-        return self.allocator.used * self.page_bytes + self.layers * 2 * self.heads * self.head_dim * itemsize * tail_tokens
+    def bytes_in_use(self, pages: int, tail_tokens: int) -> int:
+        return pages * self.page_bytes + self.layers * 2 * self.heads * self.head_dim * self.itemsize * tail_tokens
 
     def fp16_bytes(self, tokens: int) -> int:
-        """What ``tokens`` tokens would take in a dense fp16 cache (the compression ratio's numerator)."""
+        """What ``tokens`` tokens take in a dense fp16 cache (the compression ratio's numerator)."""
         return self.layers * 2 * self.heads * self.head_dim * 2 * tokens
 
-    def take_slot(self) -> int:
-        return self.free_slots.pop()
 
-    def give_slot(self, slot: int) -> None:
-        self.free_slots.append(slot)
+class KVStore:
+    """The tensors: a page pool per layer (``pages`` of them) and the fp16 tail rows. Which page
+    and row a sequence uses is the scheduler's business; the store only reads and writes."""
+
+    def __init__(self, layout: KVLayout, compression: CompressionConfig, pages: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.layout, self.compression = layout, compression
+        self.layers, self.heads, self.head_dim, self.block = layout.layers, layout.heads, layout.head_dim, layout.block
+        self.dtype, self.device = dtype, torch.device(device)
+        self.pools = [PagePool(compression, self.block, compression.rank, self.heads, self.head_dim, device,
+                               dtype=dtype, allocator=PageAllocator(pages, growable=False)) for _ in range(self.layers)]
+        self.tail_k = [torch.zeros(layout.slots, self.heads, self.block, self.head_dim, dtype=dtype, device=device)
+                       for _ in range(self.layers)]
+        self.tail_v = [torch.zeros_like(t) for t in self.tail_k]
 
 
 @dataclass

@@ -7,8 +7,6 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-import torch
-
 MAX_LOGPROBS = 20
 
 
@@ -89,7 +87,6 @@ class Request:
     num_computed: int = 0
     pages: list[int] = field(default_factory=list)  # page ids, shared by every layer's pool
     slot: int | None = None  # row of the fp16 tail tensors
-    generator: torch.Generator | None = None
     first_token_time: float | None = None
     preemptions: int = 0
 

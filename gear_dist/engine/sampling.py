@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gear_dist.engine.request import Request, TokenLogprob
+from gear_dist.engine.request import SamplingParams, TokenLogprob
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -20,19 +20,19 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, requests: list[Request]) -> list[tuple[int, TokenLogprob | None]]:
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> list[tuple[int, TokenLogprob | None]]:
     """One token per row of ``logits [B, V]`` (fp32 is used for the distribution)."""
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     out = []
-    for row, req in zip(range(logits.shape[0]), requests):
-        p = req.params
+    for row, (p, gen) in enumerate(zip(params, generators)):
         if p.greedy:
             token = int(torch.argmax(logits[row]))
         else:
             scaled = _filter(logits[row] / p.temperature, p.top_k, p.top_p)
             probs = torch.softmax(scaled, dim=-1)
-            token = int(torch.multinomial(probs, 1, generator=req.generator))
+            token = int(torch.multinomial(probs, 1, generator=gen))
         lp = None
         if p.logprobs is not None:
             top = torch.topk(logprobs[row], p.logprobs) if p.logprobs else None

@@ -13,10 +13,9 @@ import collections
 import logging
 from dataclasses import dataclass, field
 
-import torch
-
+from gear_dist.cache.pool import PageAllocator
 from gear_dist.config import EngineConfig
-from gear_dist.engine.kv import KVStore, SeqStep
+from gear_dist.engine.kv import KVLayout, SeqStep
 from gear_dist.engine.request import Request, Status
 
 logger = logging.getLogger(__name__)
@@ -34,11 +33,17 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, store: KVStore, max_model_len: int):
-        self.config, self.store, self.max_model_len = config, store, max_model_len
-        self.block = store.block
+    """Owns the page ids and tail rows; ``layout`` and ``pages`` size them (per rank, for a
+    tensor-parallel group: every rank mirrors the same ids)."""
+
+    def __init__(self, config: EngineConfig, layout: KVLayout, pages: int, max_model_len: int):
+        self.config, self.layout, self.max_model_len = config, layout, max_model_len
+        self.block = layout.block
+        self.allocator = PageAllocator(pages, growable=False)
+        self.free_slots = list(range(layout.slots - 1, -1, -1))
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
+        self.finished_ids: list[str] = []  # finished since the last step (workers drop their state)
 
     # -- requests ----------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -48,15 +53,16 @@ class Scheduler:
         if total > self.max_model_len:
             raise ValueError(f"prompt: {len(req.prompt_ids)} prompt tokens + max_tokens {req.params.max_tokens} "
                              f"exceed the context of {self.max_model_len} tokens")
-        if total // self.block > self.store.allocator.capacity:
+        if total // self.block > self.allocator.capacity:
             raise ValueError(f"prompt: needs {total} tokens of KV, more than the engine's memory holds "
-                             f"({self.store.capacity_tokens} tokens)")
+                             f"({self.layout.capacity_tokens(self.allocator.capacity)} tokens)")
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are waiting (max_waiting={self.config.max_waiting})")
         self.waiting.append(req)
 
     def finish(self, req: Request, reason: str) -> None:
         req.status, req.finish_reason = Status.FINISHED, reason
+        self.finished_ids.append(req.request_id)
         if req in self.running:
             self.running.remove(req)
             self._free(req)
@@ -70,7 +76,7 @@ class Scheduler:
     # -- a step ---------------------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        alloc = self.store.allocator
+        alloc = self.allocator
         decoding = [r for r in self.running if r.uncomputed == 1]
         completes = lambda r: (r.num_computed + 1) % self.block == 0  # noqa: E731
         while sum(map(completes, decoding)) > alloc.free:  # a block completes and no page is free
@@ -94,15 +100,13 @@ class Scheduler:
         return out
 
     def _admit(self) -> Request | None:
-        if not self.waiting or len(self.running) >= self.config.max_num_seqs or not self.store.free_slots:
+        if not self.waiting or len(self.running) >= self.config.max_num_seqs or not self.free_slots:
             return None
         req = self.waiting[0]
-        if len(req.all_ids) // self.block + 1 > self.store.allocator.free:
+        if len(req.all_ids) // self.block + 1 > self.allocator.free:
             return None  # wait for memory: it frees as requests finish
         self.waiting.popleft()
-        req.status, req.slot = Status.RUNNING, self.store.take_slot()
-        if req.generator is None and req.params.seed is not None:
-            req.generator = torch.Generator(device=self.store.device).manual_seed(req.params.seed)
+        req.status, req.slot = Status.RUNNING, self.free_slots.pop()
         self.running.append(req)
         return req
 
@@ -115,10 +119,10 @@ class Scheduler:
         self.waiting.appendleft(req)
 
     def _free(self, req: Request) -> None:
-        self.store.allocator.release(req.pages)
+        self.allocator.release(req.pages)
         req.pages = []
         if req.slot is not None:
-            self.store.give_slot(req.slot)
+            self.free_slots.append(req.slot)
             req.slot = None
 
 

@@ -1,24 +1,61 @@
-"""Runs the model over a step: one prefill chunk and one batched decode, through the KV store."""
+"""Runs the model over a step: one prefill chunk and one batched decode, through the KV store.
+
+The step arrives as a :class:`StepPlan`, plain data that can be sent to tensor-parallel ranks;
+sampling state (seeded generators) lives here, next to the logits, and is dropped when the
+scheduler reports a request finished.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 from gear_dist.engine.kv import EngineCache, KVStore, SeqStep
-from gear_dist.engine.request import Request, TokenLogprob
+from gear_dist.engine.request import SamplingParams, TokenLogprob
 from gear_dist.engine.sampling import sample
 from gear_dist.engine.scheduler import SchedulerOutput
 
-Sampled = list[tuple[Request, int, TokenLogprob | None]]
+
+@dataclass
+class SeqWork:
+    """One sequence's work in a step."""
+
+    request_id: str
+    token_ids: list[int]  # the tokens whose KV this step computes
+    seq: SeqStep
+    sample: bool  # the tokens reach the end of the sequence: sample the next one
+    params: SamplingParams
+
+
+@dataclass
+class StepPlan:
+    prefill: SeqWork | None = None
+    decode: list[SeqWork] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # requests whose sampling state can go
+
+    @classmethod
+    def of(cls, out: SchedulerOutput, finished: list[str]) -> "StepPlan":
+        plan = cls(finished=finished)
+        if out.prefill is not None:
+            req, seq = out.prefill
+            plan.prefill = SeqWork(req.request_id, req.all_ids[seq.start: seq.end], seq,
+                                   seq.end == len(req.all_ids), req.params)
+        plan.decode = [SeqWork(r.request_id, r.all_ids[-1:], s, True, r.params) for r, s in out.decode]
+        return plan
+
+
+Sampled = list[tuple[str, int, TokenLogprob | None]]
 
 
 class Worker:
-    """Model + KV store; ``execute`` is the only thing the engine core calls (the same interface
-    a tensor-parallel actor group presents, gear_dist.parallel)."""
+    """Model + KV store; ``execute`` is what the engine core calls, locally or on every rank of
+    a tensor-parallel group (gear_dist.parallel), where only rank 0 samples."""
 
-    def __init__(self, model, store: KVStore):
-        self.model, self.store = model, store
+    def __init__(self, model, store: KVStore, samples: bool = True):
+        self.model, self.store, self.samples = model, store, samples
         self.device = next(model.parameters()).device
+        self.generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqStep]) -> torch.Tensor:
@@ -27,22 +64,31 @@ class Worker:
                          past_key_values=EngineCache(self.store, seqs), use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
-    def execute(self, step: SchedulerOutput) -> Sampled:
-        """Compute the step's tokens; sample where a request's tokens are all computed."""
+    def execute(self, plan: StepPlan) -> Sampled:
+        for rid in plan.finished:
+            self.generators.pop(rid, None)
         sampled: Sampled = []
-        if step.prefill is not None:
-            req, seq = step.prefill
-            ids = torch.tensor(req.all_ids[seq.start: seq.end])[None]
-            logits = self.forward(ids, torch.arange(seq.start, seq.end)[None], [seq])
-            req.num_computed = seq.end
-            if req.uncomputed == 0:
-                sampled += [(req, *s) for s in sample(logits, [req])]
-        if step.decode:
-            reqs = [r for r, _ in step.decode]
-            ids = torch.tensor([[r.all_ids[-1]] for r in reqs])
-            positions = torch.tensor([[s.start] for _, s in step.decode])
-            logits = self.forward(ids, positions, [s for _, s in step.decode])
-            for r in reqs:
-                r.num_computed += 1
-            sampled += [(r, *s) for r, s in zip(reqs, sample(logits, reqs))]
+        if plan.prefill is not None:
+            w = plan.prefill
+            logits = self.forward(torch.tensor(w.token_ids)[None], torch.arange(w.seq.start, w.seq.end)[None], [w.seq])
+            if w.sample:
+                sampled += self._sample(logits, [w])
+        if plan.decode:
+            ids = torch.tensor([w.token_ids for w in plan.decode])
+            positions = torch.tensor([[w.seq.start] for w in plan.decode])
+            logits = self.forward(ids, positions, [w.seq for w in plan.decode])
+            sampled += self._sample(logits, plan.decode)
         return sampled
+
+    def _sample(self, logits: torch.Tensor, work: list[SeqWork]) -> Sampled:
+        if not self.samples:
+            return []
+        gens = [self._generator(w) for w in work]
+        return [(w.request_id, token, lp) for w, (token, lp) in zip(work, sample(logits, [w.params for w in work], gens))]
+
+    def _generator(self, w: SeqWork) -> torch.Generator | None:
+        if w.params.seed is None:
+            return None
+        if w.request_id not in self.generators:
+            self.generators[w.request_id] = torch.Generator(device=self.device).manual_seed(w.params.seed)
+        return self.generators[w.request_id]

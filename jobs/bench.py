@@ -1,0 +1,84 @@
+"""Offline throughput of the engine: fp16 vs kivi vs gear (and HF generate) in one run.
+
+    python jobs/bench.py bench=smoke model=tiny_llama               # seconds on a CPU
+    python jobs/bench.py model=llama3_8b engine.gpu_memory_fraction=0.9   # the H100 figure
+
+N prompts of random token ids (random weights are fine: speed and memory only) go through a fresh
+engine per method, each given the same memory (a fraction of what is free after the model
+loads); prints a table and writes bench/results/engine-<device>-<date>.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+
+import hydra
+import torch
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from gear_dist import results
+from gear_dist.cache import use_gear_attention
+from gear_dist.config import CompressionConfig, Config, register_configs
+from gear_dist.engine import LLMEngine
+from gear_dist.engine.benchmark import engine_throughput, hf_generate_throughput, random_prompts
+from gear_dist.models import load
+
+logger = logging.getLogger("bench")
+register_configs()
+COLUMNS = ["method", "bits", "tok_s", "ttft_ms", "tpot_ms", "max_concurrent", "peak_gib", "kv_capacity_tokens",
+           "preemptions", "wall_s"]
+
+
+def compression(name: str) -> CompressionConfig:
+    """A conf/compression option by name (so the bench runs exactly what serving would)."""
+    return OmegaConf.to_object(compose("config", [f"compression={name}"])).compression
+
+
+def run(config: Config) -> dict:
+    b = config.bench
+    model, tokenizer = load(config.model)
+    use_gear_attention(model)
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    prompts = random_prompts(b.num_prompts, b.prompt_len, vocab, b.seed)
+    engine_cfg = dataclasses.replace(config.engine, max_num_seqs=b.max_num_seqs,
+                                     max_model_len=b.prompt_len + b.new_tokens)
+    rows = []
+    for name in b.methods:
+        comp = compression(name)
+        engine = LLMEngine(model, tokenizer, comp, engine_cfg)
+        row = engine_throughput(engine, prompts, b.new_tokens)
+        rows.append(dict(method=name, bits=comp.bits, model=config.model.name, prompt_len=b.prompt_len,
+                         new_tokens=b.new_tokens, batch=row["max_concurrent"], **row))
+        logger.info("%s: %.1f tok/s, %d concurrent", name, row["tok_s"], row["max_concurrent"])
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if b.hf_baseline:
+        row = hf_generate_throughput(model, b.prompt_len, b.hf_new_tokens, b.hf_batches, b.seed)
+        rows.append(dict(method="hf_fp16", bits=16, model=config.model.name, prompt_len=b.prompt_len,
+                         new_tokens=b.hf_new_tokens, batch=row.get("max_concurrent", 0), **row))
+    base = next((r for r in rows if r["method"] == "fp16"), None)
+    for r in rows:
+        if base:
+            r["speedup_vs_fp16"] = r["tok_s"] / base["tok_s"] if base["tok_s"] else float("nan")
+            r["concurrency_vs_fp16"] = r["max_concurrent"] / max(base["max_concurrent"], 1)
+    return results.record("engine", rows, model=OmegaConf.to_container(OmegaConf.structured(config.model)),
+                          bench=OmegaConf.to_container(OmegaConf.structured(b)))
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    config: Config = OmegaConf.to_object(cfg)
+    result = run(config)
+    path = results.write(result, config.results_dir, suffix=config.model.name)
+    print(results.markdown(result["rows"], COLUMNS + ["speedup_vs_fp16", "concurrency_vs_fp16"]))
+    print(f"wrote {path}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
