@@ -173,15 +173,46 @@ def load_model(
     return model.eval(), AutoTokenizer.from_pretrained(path)
 
 
-def load(config: ModelConfig):
-    """(model, tokenizer) for a :class:`ModelConfig`. Random-weight models borrow a tokenizer
-    (``config.tokenizer``, default the packaged SmolLM2's) so text tasks and serving still work."""
+def _path(config: ModelConfig) -> str | Path:
+    return packaged_path(config.name) if config.source == "packaged" else config.name
+
+
+def load_config(config: ModelConfig):
+    """The transformers config of the model, without its weights."""
+    from transformers import AutoConfig
+
+    overrides = dict(config.overrides)
+    if config.num_layers:
+        overrides["num_hidden_layers"] = config.num_layers
+    if config.source == "random":
+        return random_config(config.name, **overrides)
+    return AutoConfig.from_pretrained(_path(config), **overrides)
+
+
+def load_tokenizer(config: ModelConfig):
+    """The model's tokenizer; random-weight models borrow ``config.tokenizer`` or the packaged
+    SmolLM2's, so text tasks and serving still work."""
     from transformers import AutoTokenizer
 
-    model, tokenizer = load_model(config.source, config.name, dtype=config.dtype, device=config.resolved_device(),
-                                  num_layers=config.num_layers or None, config_overrides=config.overrides)
     if config.tokenizer:
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer)
-    elif tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(packaged_path())
-    return model, tokenizer
+        return AutoTokenizer.from_pretrained(config.tokenizer)
+    return AutoTokenizer.from_pretrained(packaged_path() if config.source == "random" else _path(config))
+
+
+def load_generation_config(config: ModelConfig):
+    """Generation defaults (EOS ids) where the checkpoint has them, else None."""
+    from transformers import GenerationConfig
+
+    if config.source == "random":
+        return None
+    try:
+        return GenerationConfig.from_pretrained(_path(config))
+    except OSError:
+        return None
+
+
+def load(config: ModelConfig):
+    """(model, tokenizer) for a :class:`ModelConfig`."""
+    model, _ = load_model(config.source, config.name, dtype=config.dtype, device=config.resolved_device(),
+                          num_layers=config.num_layers or None, config_overrides=config.overrides)
+    return model, load_tokenizer(config)

@@ -25,7 +25,8 @@ from gear_dist.cache import use_gear_attention
 from gear_dist.config import CompressionConfig, Config, register_configs
 from gear_dist.engine import LLMEngine
 from gear_dist.engine.benchmark import engine_throughput, hf_generate_throughput, random_prompts
-from gear_dist.models import load
+from gear_dist.engine.build import build_engine
+from gear_dist.models import load, load_config
 
 logger = logging.getLogger("bench")
 register_configs()
@@ -38,26 +39,51 @@ def compression(name: str) -> CompressionConfig:
     return OmegaConf.to_object(compose("config", [f"compression={name}"])).compression
 
 
+def engines(config: Config, engine_cfg):
+    """(method, compression, engine) for each method: one model load (one shard group at tp > 1)."""
+    b = config.bench
+    if config.model.tp == 1:
+        model, tokenizer = load(config.model)
+        use_gear_attention(model)
+        for name in b.methods:
+            comp = compression(name)
+            yield name, comp, LLMEngine(model, tokenizer, comp, engine_cfg), model
+            gc.collect()
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        return
+    group_config = dataclasses.replace(config, engine=engine_cfg, compression=compression(b.methods[0]))
+    first = build_engine(group_config)
+    group = first.core.worker
+    try:
+        for i, name in enumerate(b.methods):
+            comp = compression(name)
+            if i:
+                group.reset_kv(comp)
+            engine = first if i == 0 else LLMEngine.from_worker(group, group.layout, group.pages, load_config(config.model),
+                                                                  None, first.tokenizer, engine_cfg)
+            yield name, comp, engine, None
+    finally:
+        group.shutdown()
+
+
 def run(config: Config) -> dict:
     b = config.bench
-    model, tokenizer = load(config.model)
-    use_gear_attention(model)
-    vocab = model.config.get_text_config(decoder=True).vocab_size
-    prompts = random_prompts(b.num_prompts, b.prompt_len, vocab, b.seed)
     engine_cfg = dataclasses.replace(config.engine, max_num_seqs=b.max_num_seqs,
                                      max_model_len=b.prompt_len + b.new_tokens)
-    rows = []
-    for name in b.methods:
-        comp = compression(name)
-        engine = LLMEngine(model, tokenizer, comp, engine_cfg)
+    vocab = load_config(config.model).get_text_config(decoder=True).vocab_size
+    prompts = random_prompts(b.num_prompts, b.prompt_len, vocab, b.seed)
+    rows, model = [], None
+    for name, comp, engine, model in engines(config, engine_cfg):
         row = engine_throughput(engine, prompts, b.new_tokens)
-        rows.append(dict(method=name, bits=comp.bits, model=config.model.name, prompt_len=b.prompt_len,
-                         new_tokens=b.new_tokens, batch=row["max_concurrent"], **row))
+        if config.model.tp > 1:
+            mem = engine.core.worker.memory()
+            row["peak_gib"] = max((m.get("peak_gib", float("nan")) for m in mem), default=float("nan"))
+            row["peak_gib_per_rank"] = [m.get("peak_gib") for m in mem]
+        rows.append(dict(method=name, bits=comp.bits, model=config.model.name, tp=config.model.tp,
+                         prompt_len=b.prompt_len, new_tokens=b.new_tokens, batch=row["max_concurrent"], **row))
         logger.info("%s: %.1f tok/s, %d concurrent", name, row["tok_s"], row["max_concurrent"])
         del engine
-        gc.collect()
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    if b.hf_baseline:
+    if b.hf_baseline and model is not None:
         row = hf_generate_throughput(model, b.prompt_len, b.hf_new_tokens, b.hf_batches, b.seed)
         rows.append(dict(method="hf_fp16", bits=16, model=config.model.name, prompt_len=b.prompt_len,
                          new_tokens=b.hf_new_tokens, batch=row.get("max_concurrent", 0), **row))

@@ -189,17 +189,23 @@ class LLMEngine:
     def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Run ``prompts`` to completion in this thread; outputs in prompt order."""
         ids = [self.add_request(p, params) for p in prompts]
-        while not all(self.output(i).finished for i in ids):
-            with self._lock:
-                self.core.step()
-        outs = [self.output(i) for i in ids]
-        for i in ids:
-            self._groups.pop(i)
-        return outs
+        try:
+            while not all(self.output(i).finished for i in ids):
+                self.step()
+            return [self.output(i) for i in ids]
+        finally:
+            for i in ids:
+                self._groups.pop(i, None)
 
     def step(self) -> None:
-        with self._lock:
-            changed = self.core.step()
+        """One engine step. If it fails (e.g. a tensor-parallel rank died), every request in flight
+        ends with an error, a worker that can (``rebuild``) is rebuilt, and the error is raised."""
+        try:
+            with self._lock:
+                changed = self.core.step()
+        except Exception as exc:
+            self._fail_running(exc)
+            raise
         self._publish({r.request_id.rsplit("#", 1)[0] for r in changed})
 
     def stats(self) -> EngineStats:
@@ -249,19 +255,30 @@ class LLMEngine:
                 continue
             try:
                 self.step()
-            except BaseException as exc:  # surface to every waiting client instead of hanging them
+            except Exception:  # already reported to the requests it failed; keep serving
                 logger.exception("engine step failed")
-                self._fail_all(exc)
 
-    def _fail_all(self, exc: BaseException) -> None:
+    def _fail_running(self, exc: Exception) -> None:
+        """End every running request with ``exc`` (its clients get the error at once, not a hang),
+        then rebuild the worker if it knows how (a tensor-parallel group), so new requests succeed."""
         with self._lock:
-            failed = list(self._listeners.items())
-            for rid, _ in failed:
+            failed = {r.request_id.rsplit("#", 1)[0] for r in list(self.core.scheduler.running)}
+            for rid in failed:
                 for req in self._groups.get(rid, []):
                     if not req.finished:
                         self.core.scheduler.finish(req, "error")
-        for _, (loop, queue) in failed:
-            loop.call_soon_threadsafe(queue.put_nowait, RuntimeError(f"engine failed: {exc}"))
+            for rid in failed:
+                listener = self._listeners.get(rid)
+                if listener:
+                    loop, queue = listener
+                    loop.call_soon_threadsafe(queue.put_nowait, EngineError(f"request {rid} failed: {exc}"))
+            rebuild = getattr(self.core.worker, "rebuild", None)
+            if rebuild is not None:
+                rebuild()
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (e.g. a tensor-parallel rank died mid-request)."""
 
 
 def _eos_ids(generation_config, tokenizer) -> list[int]:

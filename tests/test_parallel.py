@@ -1,0 +1,104 @@
+"""Tensor parallelism on CPU: two Ray actors over gloo with DeepSpeed AutoTP, against one process."""
+
+import asyncio
+import time
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from gear_dist.config import CompressionConfig, Config, EngineConfig, ModelConfig
+from gear_dist.engine import SamplingParams
+from gear_dist.engine.build import build_engine
+from gear_dist.engine.core import EngineError
+from gear_dist.models import packaged_path, random_config
+from gear_dist.parallel import check_divisible
+
+pytestmark = pytest.mark.slow
+PAGES = dict(block_size=16, prefill_block_size=16, group_size=16)
+PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy dog. The quick brown fox"]
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny Llama (4 heads, 2 KV heads) saved to disk, so every process loads the same weights."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = random_config("llama3-8b", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=49152)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(packaged_path()).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def config(path: str, tp: int, comp: str, kv_gib: float = 0.05) -> Config:
+    return Config(model=ModelConfig(source="pretrained", name=path, tp=tp, device="cpu"),
+                  compression=CompressionConfig.preset(comp, **PAGES),
+                  engine=EngineConfig(max_num_seqs=4, kv_cache_gib=kv_gib, prefill_chunk=16))
+
+
+def test_rejects_heads_tp_cannot_split():
+    with pytest.raises(ValueError, match="^tp: 2 does not divide num_key_value_heads=3"):
+        check_divisible(random_config("llama3-8b", hidden_size=384, num_attention_heads=6, num_key_value_heads=3), 2)
+    with pytest.raises(ValueError, match="^tp: 4 does not divide num_attention_heads=6"):
+        check_divisible(random_config("llama3-8b", hidden_size=384, num_attention_heads=6, num_key_value_heads=2), 4)
+
+
+@pytest.mark.parametrize("comp", ["fp16", "gear"])
+def test_tp2_equals_one_process(local_ray, tiny_dir, comp):
+    single = build_engine(config(tiny_dir, 1, comp)).generate(PROMPTS, GREEDY)
+    sharded_engine = build_engine(config(tiny_dir, 2, comp))
+    try:
+        sharded = sharded_engine.generate(PROMPTS, GREEDY)
+    finally:
+        sharded_engine.core.worker.shutdown()
+    for a, b in zip(single, sharded):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        # logits agree to float rounding (AutoTP sums partial products in another order)
+        lp_a = torch.tensor([t.logprob for t in a.outputs[0].logprobs])
+        lp_b = torch.tensor([t.logprob for t in b.outputs[0].logprobs])
+        torch.testing.assert_close(lp_b, lp_a, atol=1e-4, rtol=0)
+
+
+def test_each_rank_holds_half_the_kv_bytes(local_ray, tiny_dir):
+    one = build_engine(config(tiny_dir, 1, "gear", kv_gib=0.05))
+    two = build_engine(config(tiny_dir, 2, "gear", kv_gib=0.025))  # the budget is per rank
+    try:
+        store = one.core.worker.store
+        single = sum(p.nbytes for p in store.pools) + sum(t.numel() * t.element_size() for t in store.tail_k + store.tail_v)
+        assert two.core.scheduler.allocator.capacity == one.core.scheduler.allocator.capacity
+        assert two.core.worker.kv_nbytes() == [single // 2, single // 2]
+    finally:
+        two.core.worker.shutdown()
+
+
+def test_a_dead_rank_fails_the_request_fast_and_the_group_recovers(local_ray, tiny_dir):
+    engine = build_engine(config(tiny_dir, 2, "gear"))
+    group = engine.core.worker
+
+    async def run() -> float:
+        stream = engine.stream(PROMPTS[1], SamplingParams(max_tokens=2000, temperature=0, ignore_eos=True))
+        await stream.__anext__()  # the request is running
+        ray.kill(group.actors[1], no_restart=True)
+        killed = time.monotonic()
+        with pytest.raises(EngineError, match="rank"):
+            async for _ in stream:
+                pass
+        return time.monotonic() - killed
+
+    try:
+        engine.core.scheduler.max_model_len = 4096
+        assert asyncio.run(run()) < 10.0  # a clear error within seconds, not a hang
+        after = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=5, temperature=0))  # the rebuilt group serves
+        assert len(after[0].outputs[0].token_ids) == 5
+    finally:
+        group.shutdown()
