@@ -219,6 +219,31 @@ class BenchConfig:
 
 
 @dataclass
+class ServeConfig:
+    """The Ray Serve application (gear_dist.serve): where, under which name, how many replicas."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_id: str = ""  # the name clients send as "model"; "" = the model config's name
+    api_key: str = ""  # "" = no authentication
+    route_prefix: str = "/"
+    num_replicas: int = 1  # ignored when autoscaling
+    autoscaling: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: int = 32
+    max_ongoing_requests: int = 256
+    export_config: str = ""  # a path: write a `serve deploy` config file there instead of serving
+
+    def __post_init__(self) -> None:
+        _require(0 < self.port < 65536, "port", f"must be a TCP port, got {self.port}")
+        for name in ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        _require(self.min_replicas <= self.max_replicas, "min_replicas",
+                 f"{self.min_replicas} exceeds max_replicas={self.max_replicas}")
+
+
+@dataclass
 class Config:
     """The whole job: one config flows unchanged from eval and sweep to serve (conf/config.yaml)."""
 
@@ -227,6 +252,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     results_dir: str = "bench/results"
 
 
