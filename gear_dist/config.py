@@ -203,7 +203,7 @@ class BenchConfig:
     """jobs/bench.py: offline engine throughput for several compression methods in one run."""
 
     methods: list[str] = field(default_factory=lambda: ["fp16", "kivi", "gear"])  # conf/compression names
-    num_prompts: int = 256
+    num_prompts: int = 256  # 0: as many as each method's KV memory holds at once
     prompt_len: int = 1024
     new_tokens: int = 512
     max_num_seqs: int = 1024
@@ -213,8 +213,9 @@ class BenchConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_prompts", "prompt_len", "new_tokens", "max_num_seqs", "hf_new_tokens"):
+        for name in ("prompt_len", "new_tokens", "max_num_seqs", "hf_new_tokens"):
             _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        _require(self.num_prompts >= 0, "num_prompts", f"must be >= 0 (0: as many as memory holds), got {self.num_prompts}")
         _require(bool(self.methods), "methods", "must name at least one compression config")
 
 

@@ -5,7 +5,8 @@
 
 N prompts of random token ids (random weights are fine: speed and memory only) go through a fresh
 engine per method, each given the same memory (a fraction of what is free after the model
-loads); prints a table and writes bench/results/engine-<device>-<date>.json.
+loads); ``bench.num_prompts=0`` sends each method as many as its memory holds at once (up to
+``bench.max_num_seqs``). Prints a table and writes bench/results/engine-<device>-<date>.json.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from gear_dist.models import load, load_config
 
 logger = logging.getLogger("bench")
 register_configs()
-COLUMNS = ["method", "bits", "tok_s", "ttft_ms", "tpot_ms", "max_concurrent", "peak_gib", "kv_capacity_tokens",
-           "preemptions", "wall_s"]
+COLUMNS = ["method", "bits", "tok_s", "ttft_ms", "tpot_ms", "max_concurrent", "max_batch", "peak_gib",
+           "kv_capacity_tokens", "preemptions", "wall_s"]
 
 
 def compression(name: str) -> CompressionConfig:
@@ -66,15 +67,16 @@ def engines(config: Config, engine_cfg):
         group.shutdown()
 
 
-def run(config: Config) -> dict:
+def run(config: Config, on_row=lambda rows: None) -> dict:
+    """All methods; ``on_row(rows)`` after each (the job writes partial results as it goes)."""
     b = config.bench
     engine_cfg = dataclasses.replace(config.engine, max_num_seqs=b.max_num_seqs,
                                      max_model_len=b.prompt_len + b.new_tokens)
     vocab = load_config(config.model).get_text_config(decoder=True).vocab_size
-    prompts = random_prompts(b.num_prompts, b.prompt_len, vocab, b.seed)
     rows, model = [], None
     for name, comp, engine, model in engines(config, engine_cfg):
-        row = engine_throughput(engine, prompts, b.new_tokens)
+        count = b.num_prompts or min(b.max_num_seqs, engine.stats().kv_capacity_tokens // (b.prompt_len + b.new_tokens))
+        row = engine_throughput(engine, random_prompts(count, b.prompt_len, vocab, b.seed), b.new_tokens)
         if config.model.tp > 1:
             mem = engine.core.worker.memory()
             row["peak_gib"] = max((m.get("peak_gib", float("nan")) for m in mem), default=float("nan"))
@@ -82,15 +84,25 @@ def run(config: Config) -> dict:
         rows.append(dict(method=name, bits=comp.bits, model=config.model.name, tp=config.model.tp,
                          prompt_len=b.prompt_len, new_tokens=b.new_tokens, batch=row["max_concurrent"], **row))
         logger.info("%s: %.1f tok/s, %d concurrent", name, row["tok_s"], row["max_concurrent"])
+        on_row(rows)
         del engine
     if b.hf_baseline and model is not None:
         row = hf_generate_throughput(model, b.prompt_len, b.hf_new_tokens, b.hf_batches, b.seed)
         rows.append(dict(method="hf_fp16", bits=16, model=config.model.name, prompt_len=b.prompt_len,
                          new_tokens=b.hf_new_tokens, batch=row.get("max_concurrent", 0), **row))
+    return _record(config, rows)
+
+
+def _record(config: Config, rows: list[dict]) -> dict:
+    """The result; ratios to the fp16 engine where it ran, and the largest batch the KV
+    memory holds at this prompt + output length."""
+    b = config.bench
     base = next((r for r in rows if r["method"] == "fp16"), None)
     for r in rows:
-        if base:
-            r["speedup_vs_fp16"] = r["tok_s"] / base["tok_s"] if base["tok_s"] else float("nan")
+        if "kv_capacity_tokens" in r:
+            r["max_batch"] = int(r["kv_capacity_tokens"] // (b.prompt_len + b.new_tokens))
+        if base and base["tok_s"]:
+            r["speedup_vs_fp16"] = r["tok_s"] / base["tok_s"]
             r["concurrency_vs_fp16"] = r["max_concurrent"] / max(base["max_concurrent"], 1)
     return results.record("engine", rows, model=OmegaConf.to_container(OmegaConf.structured(config.model)),
                           bench=OmegaConf.to_container(OmegaConf.structured(b)))
@@ -99,7 +111,8 @@ def run(config: Config) -> dict:
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     config: Config = OmegaConf.to_object(cfg)
-    result = run(config)
+    result = run(config, on_row=lambda rows: results.write(_record(config, rows), config.results_dir,
+                                                           suffix=config.model.name + "-partial"))
     path = results.write(result, config.results_dir, suffix=config.model.name)
     print(results.markdown(result["rows"], COLUMNS + ["speedup_vs_fp16", "concurrency_vs_fp16"]))
     print(f"wrote {path}")

@@ -167,3 +167,27 @@ def test_kernels_compile_for_hopper():
     assert len(compiled) == len(variants)
     for names in compiled.values():  # K and V of the prompt's pages, one pages launch (one pool), the merge
         assert names == ["_compress_kernel"] * 2 + ["_pages_kernel"] + ["_combine_kernel"], names
+
+
+def test_engine_takes_the_kernel_path_with_the_same_tokens():
+    """The engine's decode batch (variable lengths, tails by row) through the kernels."""
+    from gear_dist.config import EngineConfig
+    from gear_dist.engine import LLMEngine, SamplingParams
+
+    torch.manual_seed(0)
+    cfg = random_config("llama3-8b", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=256)
+    model = AutoModelForCausalLM.from_config(cfg).to(DEVICE).eval()
+    use_gear_attention(model)
+    comp = CompressionConfig.preset("gear", block_size=16, prefill_block_size=16, group_size=16)
+    prompts = [torch.randint(3, 256, (n,)).tolist() for n in (20, 45, 7)]
+    outs, counts = {}, {}
+    for mode in ("off", "on"):
+        kernels.launches.clear()
+        with kernels.kernels_mode(mode):
+            engine = LLMEngine(model, None, comp, EngineConfig(max_num_seqs=4, kv_cache_gib=0.01, prefill_chunk=32))
+            done = engine.generate(prompts, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        outs[mode], counts[mode] = [o.outputs[0].token_ids for o in done], dict(kernels.launches)
+    assert counts["off"] == {} and counts["on"]["decode_attention"] > 0 and counts["on"]["compress"] > 0
+    agree = sum(a == b for x, y in zip(outs["on"], outs["off"]) for a, b in zip(x, y)) / 90
+    assert agree > 0.95

@@ -22,7 +22,7 @@ def make(pages: int, max_num_seqs: int = 4, chunk: int = 16, max_waiting: int = 
 def run_step(s: Scheduler, out=None) -> None:
     """What the worker does to the bookkeeping: tokens computed, a token sampled at the end."""
     out = out or s.schedule()
-    for req, seq in ([out.prefill] if out.prefill else []) + out.decode:
+    for req, seq in out.prefill + out.decode:
         req.num_computed = seq.end
         if req.uncomputed == 0:
             req.output_ids.append(1)
@@ -37,7 +37,7 @@ def test_prefill_is_chunked_then_decodes_one_token_per_step():
     ends = []
     while not req.finished:
         out = s.schedule()
-        ends.append(("prefill", out.prefill[1].end) if out.prefill else ("decode", out.decode[0][1].end))
+        ends.append(("prefill", out.prefill[0][1].end) if out.prefill else ("decode", out.decode[0][1].end))
         run_step(s, out)
     assert ends == [("prefill", 16), ("prefill", 32), ("prefill", 40), ("decode", 41), ("decode", 42)]
     assert s.allocator.used == 0 and len(s.free_slots) == 4  # freed at once
@@ -48,7 +48,7 @@ def test_pages_follow_blocks():
     req = Request(list(range(20)), SamplingParams(max_tokens=10))
     s.add(req)
     out = s.schedule()
-    assert out.prefill[1].new_pages == 2 and len(req.pages) == 2  # 16 of 20 tokens in pages, 4 in the tail
+    assert out.prefill[0][1].new_pages == 2 and len(req.pages) == 2  # 16 of 20 tokens in pages, 4 in the tail
     run_step(s, out)
     for _ in range(3):  # tokens 21..23: the tail fills
         run_step(s)
@@ -107,3 +107,12 @@ def test_finish_of_a_waiting_request_removes_it():
     s.add(r)
     s.finish(r, "abort")
     assert r.status is Status.FINISHED and not s.waiting
+
+
+def test_prefill_chunks_of_several_requests_share_one_step():
+    s = make(pages=100, chunk=50)
+    reqs = [Request(list(range(20)), SamplingParams(max_tokens=2)) for _ in range(4)]
+    for r in reqs:
+        s.add(r)
+    out = s.schedule()
+    assert [(seq.start, seq.end) for _, seq in out.prefill] == [(0, 20), (0, 20), (0, 10)]  # 50 tokens in all

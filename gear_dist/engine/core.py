@@ -65,10 +65,8 @@ class EngineCore:
             return []
         finished, self.scheduler.finished_ids = self.scheduler.finished_ids, []
         plan = StepPlan.of(out, finished)
-        if plan.prefill is not None:
-            out.prefill[0].num_computed = plan.prefill.seq.end
-        for req, _ in out.decode:
-            req.num_computed += 1
+        for req, seq in out.prefill + out.decode:
+            req.num_computed = seq.end
         by_id = {r.request_id: r for r in self.scheduler.running}
         changed = []
         for rid, token, logprob in self.worker.execute(plan):

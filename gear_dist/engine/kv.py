@@ -117,9 +117,9 @@ class StepLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, store: KVStore, layer: int, seqs: list[SeqStep]):
+    def __init__(self, store: KVStore, layer: int, seqs: list[SeqStep], decode: bool):
         super().__init__()
-        self.store, self.layer, self.seqs = store, layer, seqs
+        self.store, self.layer, self.seqs, self.decode = store, layer, seqs, decode
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -143,25 +143,33 @@ class StepLayer(CacheLayerMixin):
     # -- attention --------------------------------------------------------------------------------
     def attend(self, module, query: torch.Tensor, attention_mask, dropout: float, scaling: float | None, **kwargs):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        if query.shape[2] == 1:
-            out = self._decode(query, scale)  # [B, Hq, D]
-            out = out[:, None]
+        if self.decode:
+            out = self._decode(query, scale)[:, None]  # [B, 1, Hq, D]
         else:
             out = self._prefill(query, scale).transpose(1, 2)  # [1, T, Hq, D]
         self._store()
         return out, None
 
+    def _segments(self) -> list[tuple[SeqStep, slice]]:
+        """Each prefill chunk's columns in the packed row."""
+        out, at = [], 0
+        for seq in self.seqs:
+            out.append((seq, slice(at, at + seq.end - seq.start)))
+            at += seq.end - seq.start
+        return out
+
     def _prefill(self, query: torch.Tensor, scale: float) -> torch.Tensor:
-        """One sequence's chunk: its pages + tail + the chunk, causal within the chunk."""
-        (seq,) = self.seqs
-        keys, values = self._history(seq)
-        k = torch.cat([keys, self.new_k[0]], dim=1)[None]
-        v = torch.cat([values, self.new_v[0]], dim=1)[None]
-        t = query.shape[2]
-        qpos = seq.start + torch.arange(t, device=query.device)
-        mask = torch.arange(seq.start + t, device=query.device)[None, :] <= qpos[:, None]
-        return torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale,
-                                                                enable_gqa=True)
+        """Packed chunks ([1, H, sum T, d]): each attends its own pages + tail + itself, causally."""
+        outs = []
+        for seq, cols in self._segments():
+            keys, values = self._history(seq)
+            k = torch.cat([keys, self.new_k[0, :, cols]], dim=1)[None]
+            v = torch.cat([values, self.new_v[0, :, cols]], dim=1)[None]
+            qpos = torch.arange(seq.start, seq.end, device=query.device)
+            mask = torch.arange(seq.end, device=query.device)[None, :] <= qpos[:, None]
+            outs.append(torch.nn.functional.scaled_dot_product_attention(query[:, :, cols], k, v, attn_mask=mask,
+                                                                         scale=scale, enable_gqa=True))
+        return torch.cat(outs, dim=2)
 
     def _decode(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """One new token per sequence over pages + tail (new token written into the tail first)."""
@@ -196,25 +204,35 @@ class StepLayer(CacheLayerMixin):
                        torch.zeros(len(full), **i32), rows.int())
 
     def _decode_reference(self, q: torch.Tensor, scale: float, rows, cols) -> torch.Tensor:
-        """Batched torch path: every sequence's pages decompressed (this layer only) and padded."""
-        hist = [self._history(s, include_tail_token=True) for s in self.seqs]
-        longest = max(k.shape[1] for k, _ in hist)
-        b, h, d = len(hist), self.store.heads, self.store.head_dim
-        keys = q.new_zeros(b, h, longest, d)
-        values = q.new_zeros(b, h, longest, d)
-        valid = torch.zeros(b, 1, 1, longest, dtype=torch.bool, device=q.device)
-        for i, (k, v) in enumerate(hist):
-            keys[i, :, : k.shape[1]], values[i, :, : v.shape[1]] = k, v
-            valid[i, ..., : k.shape[1]] = True
-        out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=valid,
-                                                               scale=scale, enable_gqa=True)
+        """Batched torch path: one gather of every sequence's pages (decompressed, this layer only),
+        then SDPA with a mask over each sequence's own length."""
+        store, n = self.store, self.store.block
+        full = [s.pages[: s.start // n] for s in self.seqs]
+        width = max(map(len, full))
+        b, h, d = len(full), store.heads, store.head_dim
+        parts_k, parts_v = [], []
+        if width:
+            table = torch.tensor([p + [p[0] if p else 0] * (width - len(p)) for p in full], device=q.device)
+            dense = store.pools[self.layer].read_dense(table, store.dtype)  # [B, width, H, n, d]
+            parts_k.append(dense["key"].permute(0, 2, 1, 3, 4).reshape(b, h, width * n, d))
+            parts_v.append(dense["value"].permute(0, 2, 1, 3, 4).reshape(b, h, width * n, d))
+        parts_k.append(store.tail_k[self.layer][rows])
+        parts_v.append(store.tail_v[self.layer][rows])
+        keys, values = torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
+        pos = torch.arange(keys.shape[2], device=q.device)
+        pages = torch.tensor([len(p) for p in full], device=q.device)
+        valid = torch.where(pos[None, :] < width * n, pos[None, :] < (pages * n)[:, None],
+                            pos[None, :] - width * n <= cols[:, None])
+        out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values,
+                                                               attn_mask=valid[:, None, None, :], scale=scale,
+                                                               enable_gqa=True)
         return out[:, :, 0]
 
-    def _history(self, seq: SeqStep, include_tail_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """[H, tokens, d] K and V of a sequence's stored tokens (plus the decode token in its tail)."""
+    def _history(self, seq: SeqStep) -> tuple[torch.Tensor, torch.Tensor]:
+        """[H, tokens, d] K and V of a sequence's stored tokens (pages + tail)."""
         store = self.store
         done = seq.start // store.block
-        tail = seq.start % store.block + int(include_tail_token)
+        tail = seq.start % store.block
         k_tail = store.tail_k[self.layer][seq.slot, :, :tail]
         v_tail = store.tail_v[self.layer][seq.slot, :, :tail]
         if done == 0:
@@ -231,17 +249,16 @@ class StepLayer(CacheLayerMixin):
         back into the tail."""
         store, layer, n = self.store, self.layer, self.store.block
         blocks_k, blocks_v, ids = [], [], []
-        decode = self.new_k.shape[2] == 1
-        for i, seq in enumerate(self.seqs):
-            fill = seq.start % n
-            if decode:  # the token is in the tail already
+        if self.decode:  # each token is in its tail already
+            for seq in self.seqs:
                 if seq.new_pages:
                     blocks_k.append(store.tail_k[layer][seq.slot][None])
                     blocks_v.append(store.tail_v[layer][seq.slot][None])
                     ids += seq.pages[-1:]
-                continue
-            k = torch.cat([store.tail_k[layer][seq.slot, :, :fill], self.new_k[i]], dim=1)  # [H, fill+T, d]
-            v = torch.cat([store.tail_v[layer][seq.slot, :, :fill], self.new_v[i]], dim=1)
+        for seq, cols in ([] if self.decode else self._segments()):
+            fill = seq.start % n
+            k = torch.cat([store.tail_k[layer][seq.slot, :, :fill], self.new_k[0, :, cols]], dim=1)  # [H, fill+T, d]
+            v = torch.cat([store.tail_v[layer][seq.slot, :, :fill], self.new_v[0, :, cols]], dim=1)
             full = seq.new_pages * n
             if full:
                 blocks_k.append(k[:, :full].reshape(store.heads, seq.new_pages, n, -1).transpose(0, 1))
@@ -270,7 +287,8 @@ class StepLayer(CacheLayerMixin):
 
 
 class EngineCache(Cache):
-    """The step's view of the store as a transformers ``Cache``."""
+    """The step's view of the store as a transformers ``Cache``: one token per sequence
+    (``decode``) or prefill chunks packed into one row."""
 
-    def __init__(self, store: KVStore, seqs: list[SeqStep]):
-        super().__init__(layers=[StepLayer(store, i, seqs) for i in range(store.layers)])
+    def __init__(self, store: KVStore, seqs: list[SeqStep], decode: bool):
+        super().__init__(layers=[StepLayer(store, i, seqs, decode) for i in range(store.layers)])

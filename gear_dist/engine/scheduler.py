@@ -1,8 +1,8 @@
 """Continuous batching, CPU-only bookkeeping (no model): what each step computes, and memory.
 
 A step is ``{request: tokens to compute}``: every running request with one uncomputed token
-decodes, and at most one request advances its prefill by a chunk (vLLM v1's "no prefill or
-decode phase"). Memory is admitted by pages, i.e. bytes: a request enters only when the pool
+decodes, and requests with more advance their prefill by chunks, ``prefill_chunk`` tokens in all
+per step, packed into one forward (vLLM v1's "no prefill or decode phase"). Memory is admitted by pages, i.e. bytes: a request enters only when the pool
 can hold its prompt; a decode token that completes a block takes a page, and when none is free
 the youngest request is preempted (its pages freed, to be recomputed later). Nothing is dropped.
 """
@@ -23,13 +23,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class SchedulerOutput:
-    prefill: tuple[Request, SeqStep] | None = None  # one chunk of one request
+    prefill: list[tuple[Request, SeqStep]] = field(default_factory=list)  # chunks, packed in one forward
     decode: list[tuple[Request, SeqStep]] = field(default_factory=list)  # one token each
     preempted: list[Request] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return self.prefill is None and not self.decode
+        return not self.prefill and not self.decode
 
 
 class Scheduler:
@@ -90,13 +90,19 @@ class Scheduler:
                 r.pages += alloc.allocate(1)
             out.decode.append((r, SeqStep(r.pages, new, r.slot, r.num_computed, r.num_computed + 1)))
 
-        pre = next((r for r in self.running if r.uncomputed > 1), None) or self._admit()
-        if pre is not None:
-            end = pre.num_computed + min(self.config.prefill_chunk, pre.uncomputed)
+        budget = self.config.prefill_chunk
+        prefilling = [r for r in self.running if r.uncomputed > 1]
+        while budget > 0:
+            pre = prefilling.pop(0) if prefilling else self._admit()
+            if pre is None:
+                break
+            end = pre.num_computed + min(budget, pre.uncomputed)
             new = end // self.block - len(pre.pages)
-            if new <= alloc.free:
-                pre.pages += alloc.allocate(new)
-                out.prefill = (pre, SeqStep(pre.pages, new, pre.slot, pre.num_computed, end))
+            if new > alloc.free:
+                break
+            pre.pages += alloc.allocate(new)
+            out.prefill.append((pre, SeqStep(pre.pages, new, pre.slot, pre.num_computed, end)))
+            budget -= end - pre.num_computed
         return out
 
     def _admit(self) -> Request | None:

@@ -30,19 +30,16 @@ class SeqWork:
 
 @dataclass
 class StepPlan:
-    prefill: SeqWork | None = None
+    prefill: list[SeqWork] = field(default_factory=list)  # chunks packed into one forward
     decode: list[SeqWork] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # requests whose sampling state can go
 
     @classmethod
     def of(cls, out: SchedulerOutput, finished: list[str]) -> "StepPlan":
-        plan = cls(finished=finished)
-        if out.prefill is not None:
-            req, seq = out.prefill
-            plan.prefill = SeqWork(req.request_id, req.all_ids[seq.start: seq.end], seq,
-                                   seq.end == len(req.all_ids), req.params)
-        plan.decode = [SeqWork(r.request_id, r.all_ids[-1:], s, True, r.params) for r, s in out.decode]
-        return plan
+        prefill = [SeqWork(r.request_id, r.all_ids[s.start: s.end], s, s.end == len(r.all_ids), r.params)
+                   for r, s in out.prefill]
+        decode = [SeqWork(r.request_id, r.all_ids[-1:], s, True, r.params) for r, s in out.decode]
+        return cls(prefill, decode, finished)
 
 
 Sampled = list[tuple[str, int, TokenLogprob | None]]
@@ -58,25 +55,29 @@ class Worker:
         self.generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqStep]) -> torch.Tensor:
-        """Logits of the last position of each row: ``input_ids [B, T]`` -> ``[B, V]``."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqStep],
+                keep: torch.Tensor, decode: bool) -> torch.Tensor:
+        """Logits at positions ``keep`` of the sequence dim: ``input_ids [B, T]`` -> ``[B, len(keep), V]``."""
         out = self.model(input_ids=input_ids.to(self.device), position_ids=positions.to(self.device),
-                         past_key_values=EngineCache(self.store, seqs), use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
+                         past_key_values=EngineCache(self.store, seqs, decode), use_cache=True,
+                         logits_to_keep=keep.to(self.device))
+        return out.logits
 
     def execute(self, plan: StepPlan) -> Sampled:
         for rid in plan.finished:
             self.generators.pop(rid, None)
         sampled: Sampled = []
-        if plan.prefill is not None:
-            w = plan.prefill
-            logits = self.forward(torch.tensor(w.token_ids)[None], torch.arange(w.seq.start, w.seq.end)[None], [w.seq])
-            if w.sample:
-                sampled += self._sample(logits, [w])
+        if plan.prefill:  # every chunk in one row: [1, sum of chunk lengths]
+            ids = torch.tensor([t for w in plan.prefill for t in w.token_ids])[None]
+            positions = torch.cat([torch.arange(w.seq.start, w.seq.end) for w in plan.prefill])[None]
+            ends = torch.tensor([len(w.token_ids) for w in plan.prefill]).cumsum(0) - 1
+            logits = self.forward(ids, positions, [w.seq for w in plan.prefill], ends, decode=False)[0]  # [chunks, V]
+            rows = [i for i, w in enumerate(plan.prefill) if w.sample]
+            sampled += self._sample(logits[rows], [plan.prefill[i] for i in rows])
         if plan.decode:
             ids = torch.tensor([w.token_ids for w in plan.decode])
             positions = torch.tensor([[w.seq.start] for w in plan.decode])
-            logits = self.forward(ids, positions, [w.seq for w in plan.decode])
+            logits = self.forward(ids, positions, [w.seq for w in plan.decode], torch.tensor([0]), decode=True)[:, 0]
             sampled += self._sample(logits, plan.decode)
         return sampled
 
