@@ -187,6 +187,7 @@ class EngineConfig:
     max_model_len: int = 0  # prompt + generated tokens per sequence; 0 = the model's maximum
     prefill_chunk: int = 512  # prompt tokens per forward (chunked prefill)
     max_waiting: int = 1024  # queued requests beyond which new ones are refused (serving: 429/503)
+    reserve_output: float = 1.0  # share of max_tokens whose pages are promised at admission (0: optimistic)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -196,6 +197,7 @@ class EngineConfig:
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(0 < self.gpu_memory_fraction <= 1, "gpu_memory_fraction",
                  f"must lie in (0, 1], got {self.gpu_memory_fraction}")
+        _require(0 <= self.reserve_output <= 1, "reserve_output", f"must lie in [0, 1], got {self.reserve_output}")
 
 
 @dataclass

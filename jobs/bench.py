@@ -75,8 +75,10 @@ def run(config: Config, on_row=lambda rows: None) -> dict:
     vocab = load_config(config.model).get_text_config(decoder=True).vocab_size
     rows, model = [], None
     for name, comp, engine, model in engines(config, engine_cfg):
-        count = b.num_prompts or min(b.max_num_seqs, engine.stats().kv_capacity_tokens // (b.prompt_len + b.new_tokens))
+        pages = engine.core.scheduler.allocator.capacity
+        count = b.num_prompts or min(b.max_num_seqs, pages // ((b.prompt_len + b.new_tokens) // engine.core.scheduler.block))
         row = engine_throughput(engine, random_prompts(count, b.prompt_len, vocab, b.seed), b.new_tokens)
+        row.update(kv_pages=pages, block=engine.core.scheduler.block)
         if config.model.tp > 1:
             mem = engine.core.worker.memory()
             row["peak_gib"] = max((m.get("peak_gib", float("nan")) for m in mem), default=float("nan"))
@@ -99,8 +101,8 @@ def _record(config: Config, rows: list[dict]) -> dict:
     b = config.bench
     base = next((r for r in rows if r["method"] == "fp16"), None)
     for r in rows:
-        if "kv_capacity_tokens" in r:
-            r["max_batch"] = int(r["kv_capacity_tokens"] // (b.prompt_len + b.new_tokens))
+        if "kv_pages" in r:
+            r["max_batch"] = int(r["kv_pages"] // ((b.prompt_len + b.new_tokens) // r["block"]))
         if base and base["tok_s"]:
             r["speedup_vs_fp16"] = r["tok_s"] / base["tok_s"]
             r["concurrency_vs_fp16"] = r["max_concurrent"] / max(base["max_concurrent"], 1)

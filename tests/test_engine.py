@@ -75,7 +75,7 @@ def test_decode_overflow_preempts_the_youngest_and_recomputes_it(real_model):
     prompts = ["Once upon a time", "In 1905, Einstein", "The mitochondria"]
     alone = [o.outputs[0].token_ids for o in engine(real_model, CONFIGS["kivi8"]).generate(prompts, long)]
     layout = engine(real_model, CONFIGS["kivi8"]).core.scheduler.layout
-    small = engine(real_model, CONFIGS["kivi8"], kv_cache_gib=layout.nbytes(10) / 2**30)
+    small = engine(real_model, CONFIGS["kivi8"], kv_cache_gib=layout.nbytes(10) / 2**30, reserve_output=0.0)
     outs = small.generate(prompts, long)  # all three start; together they outgrow 10 pages
     assert small.core.preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == alone

@@ -14,8 +14,9 @@ CFG = random_config("llama3-8b", hidden_size=64, intermediate_size=128, num_hidd
 COMP = CompressionConfig.preset("fp16", block_size=8, prefill_block_size=8)
 
 
-def make(pages: int, max_num_seqs: int = 4, chunk: int = 16, max_waiting: int = 100) -> Scheduler:
-    engine = EngineConfig(max_num_seqs=max_num_seqs, prefill_chunk=chunk, max_waiting=max_waiting)
+def make(pages: int, max_num_seqs: int = 4, chunk: int = 16, max_waiting: int = 100, reserve: float = 1.0) -> Scheduler:
+    engine = EngineConfig(max_num_seqs=max_num_seqs, prefill_chunk=chunk, max_waiting=max_waiting,
+                          reserve_output=reserve)
     return Scheduler(engine, KVLayout.of(CFG, COMP, engine, torch.float32), pages, max_model_len=10_000)
 
 
@@ -72,8 +73,22 @@ def test_admission_by_memory_queues_and_completes_everything():
     assert running_max < 5  # memory, not the batch limit, held some back
 
 
-def test_decode_overflow_preempts_the_youngest_and_it_finishes_later():
+def test_reserved_admission_never_preempts():
     s = make(pages=5, chunk=64, max_num_seqs=2)
+    reqs = [Request(list(range(15)), SamplingParams(max_tokens=20)) for _ in range(2)]
+    for r in reqs:
+        s.add(r)
+    for _ in range(300):
+        if not s.has_work:
+            break
+        out = s.schedule()
+        assert not out.preempted and len(s.running) <= 1  # 35 tokens = 4 pages each: one at a time
+        run_step(s, out)
+    assert all(r.finished for r in reqs)
+
+
+def test_decode_overflow_preempts_the_youngest_and_it_finishes_later():
+    s = make(pages=5, chunk=64, max_num_seqs=2, reserve=0.0)
     old, young = Request(list(range(15)), SamplingParams(max_tokens=20)), Request(list(range(15)), SamplingParams(max_tokens=20))
     s.add(old)
     s.add(young)

@@ -111,15 +111,38 @@ class SeqStep:
     end: int
 
 
+@dataclass
+class DecodeBatch:
+    """Where a decode step's sequences live, as device tensors built once per step (not per layer)."""
+
+    rows: torch.Tensor  # [B] tail row
+    cols: torch.Tensor  # [B] position of the new token in its tail
+    table: torch.Tensor  # [B, width] int32 pages written before this step (padded with a valid id)
+    npages: torch.Tensor  # [B] int32
+    width: int
+
+    @classmethod
+    def of(cls, seqs: list[SeqStep], block: int, device: torch.device) -> "DecodeBatch":
+        full = [s.pages[: s.start // block] for s in seqs]
+        width = max(map(len, full))
+        padded = [p + [p[0] if p else 0] * (width - len(p)) for p in full]
+        i32 = dict(dtype=torch.int32, device=device)
+        return cls(torch.tensor([s.slot for s in seqs], device=device),
+                   torch.tensor([s.start % block for s in seqs], device=device),
+                   torch.tensor(padded, **i32).reshape(len(seqs), width), torch.tensor([len(p) for p in full], **i32),
+                   width)
+
+
 class StepLayer(CacheLayerMixin):
     """One layer's view of a step; the ``gear`` attention finds it through the K/V tag."""
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, store: KVStore, layer: int, seqs: list[SeqStep], decode: bool):
+    def __init__(self, store: KVStore, layer: int, seqs: list[SeqStep], batch: DecodeBatch | None):
         super().__init__()
-        self.store, self.layer, self.seqs, self.decode = store, layer, seqs, decode
+        self.store, self.layer, self.seqs, self.batch = store, layer, seqs, batch
+        self.decode = batch is not None
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -173,56 +196,40 @@ class StepLayer(CacheLayerMixin):
 
     def _decode(self, query: torch.Tensor, scale: float) -> torch.Tensor:
         """One new token per sequence over pages + tail (new token written into the tail first)."""
-        store, layer = self.store, self.layer
-        rows = torch.tensor([s.slot for s in self.seqs], device=query.device)
-        cols = torch.tensor([s.start % store.block for s in self.seqs], device=query.device)
-        store.tail_k[layer][rows, :, cols] = self.new_k[:, :, 0]
-        store.tail_v[layer][rows, :, cols] = self.new_v[:, :, 0]
+        store, layer, bt = self.store, self.layer, self.batch
+        store.tail_k[layer][bt.rows, :, bt.cols] = self.new_k[:, :, 0]
+        store.tail_v[layer][bt.rows, :, bt.cols] = self.new_v[:, :, 0]
         q = query[:, :, 0]
         if (kernels.active(query.device) and store.compression.compressed
                 and kernels.supports(store.compression, store.block, store.head_dim)):
-            from gear_dist.kernels.decode_attention import gear_decode_attention
+            from gear_dist.kernels.decode_attention import PagedKV, gear_decode_attention
 
             kernels.launches["decode_attention"] += 1
-            return gear_decode_attention(q, self._paged(rows, cols), scale)
-        return self._decode_reference(q, scale, rows, cols)
+            pos = (torch.arange(max(bt.width, 1), dtype=torch.int32, device=q.device) * store.block).expand(
+                len(self.seqs), -1).contiguous()  # read with the table's strides
+            table = bt.table if bt.width else bt.table.new_zeros(len(self.seqs), 1)
+            kv = PagedKV([(store.pools[layer], table, pos, bt.npages)], store.tail_k[layer], store.tail_v[layer],
+                         (bt.cols + 1).int(), bt.npages * store.block, torch.zeros_like(bt.npages), bt.rows.int())
+            return gear_decode_attention(q, kv, scale)
+        return self._decode_reference(q, scale)
 
-    def _paged(self, rows: torch.Tensor, cols: torch.Tensor):
-        from gear_dist.kernels.decode_attention import PagedKV
-
-        store, dev = self.store, self.store.device
-        full = [s.pages[: s.start // store.block] for s in self.seqs]  # pages written before this step
-        width = max(1, max(map(len, full)))
-        table = torch.zeros(len(full), width, dtype=torch.int32)
-        for i, p in enumerate(full):
-            table[i, : len(p)] = torch.tensor(p, dtype=torch.int32)
-        i32 = dict(dtype=torch.int32, device=dev)
-        npages = torch.tensor([len(p) for p in full], **i32)
-        pos = (torch.arange(width, **i32) * store.block).expand(len(full), width).contiguous()
-        return PagedKV([(store.pools[self.layer], table.to(dev), pos, npages)], store.tail_k[self.layer],
-                       store.tail_v[self.layer], (cols + 1).int(), npages * store.block,
-                       torch.zeros(len(full), **i32), rows.int())
-
-    def _decode_reference(self, q: torch.Tensor, scale: float, rows, cols) -> torch.Tensor:
+    def _decode_reference(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """Batched torch path: one gather of every sequence's pages (decompressed, this layer only),
         then SDPA with a mask over each sequence's own length."""
-        store, n = self.store, self.store.block
-        full = [s.pages[: s.start // n] for s in self.seqs]
-        width = max(map(len, full))
-        b, h, d = len(full), store.heads, store.head_dim
+        store, n, bt = self.store, self.store.block, self.batch
+        b, h, d = len(self.seqs), store.heads, store.head_dim
         parts_k, parts_v = [], []
-        if width:
-            table = torch.tensor([p + [p[0] if p else 0] * (width - len(p)) for p in full], device=q.device)
-            dense = store.pools[self.layer].read_dense(table, store.dtype)  # [B, width, H, n, d]
-            parts_k.append(dense["key"].permute(0, 2, 1, 3, 4).reshape(b, h, width * n, d))
-            parts_v.append(dense["value"].permute(0, 2, 1, 3, 4).reshape(b, h, width * n, d))
-        parts_k.append(store.tail_k[self.layer][rows])
-        parts_v.append(store.tail_v[self.layer][rows])
+        if bt.width:
+            dense = store.pools[self.layer].read_dense(bt.table.long(), store.dtype)  # [B, width, H, n, d]
+            parts_k.append(dense["key"].permute(0, 2, 1, 3, 4).reshape(b, h, bt.width * n, d))
+            parts_v.append(dense["value"].permute(0, 2, 1, 3, 4).reshape(b, h, bt.width * n, d))
+        parts_k.append(store.tail_k[self.layer][bt.rows])
+        parts_v.append(store.tail_v[self.layer][bt.rows])
         keys, values = torch.cat(parts_k, dim=2), torch.cat(parts_v, dim=2)
         pos = torch.arange(keys.shape[2], device=q.device)
-        pages = torch.tensor([len(p) for p in full], device=q.device)
-        valid = torch.where(pos[None, :] < width * n, pos[None, :] < (pages * n)[:, None],
-                            pos[None, :] - width * n <= cols[:, None])
+        paged = bt.width * n
+        valid = torch.where(pos[None, :] < paged, pos[None, :] < (bt.npages * n)[:, None],
+                            pos[None, :] - paged <= bt.cols[:, None])
         out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], keys, values,
                                                                attn_mask=valid[:, None, None, :], scale=scale,
                                                                enable_gqa=True)
@@ -291,4 +298,5 @@ class EngineCache(Cache):
     (``decode``) or prefill chunks packed into one row."""
 
     def __init__(self, store: KVStore, seqs: list[SeqStep], decode: bool):
-        super().__init__(layers=[StepLayer(store, i, seqs, decode) for i in range(store.layers)])
+        batch = DecodeBatch.of(seqs, store.block, store.device) if decode else None
+        super().__init__(layers=[StepLayer(store, i, seqs, batch) for i in range(store.layers)])

@@ -2,9 +2,11 @@
 
 A step is ``{request: tokens to compute}``: every running request with one uncomputed token
 decodes, and requests with more advance their prefill by chunks, ``prefill_chunk`` tokens in all
-per step, packed into one forward (vLLM v1's "no prefill or decode phase"). Memory is admitted by pages, i.e. bytes: a request enters only when the pool
-can hold its prompt; a decode token that completes a block takes a page, and when none is free
-the youngest request is preempted (its pages freed, to be recomputed later). Nothing is dropped.
+per step, packed into one forward (vLLM v1's "no prefill or decode phase"). Memory is admitted by pages, i.e. bytes: a request enters only when the pages not
+yet promised to running requests cover its prompt and ``reserve_output`` of its max_tokens
+(1.0, the default, means a running request never finds the pool empty). If one does (optimistic
+admission), the youngest request is preempted: its pages are freed and it is recomputed later,
+and nobody is admitted in that step, so preemption cannot thrash. Nothing is dropped.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ class Scheduler:
         budget = self.config.prefill_chunk
         prefilling = [r for r in self.running if r.uncomputed > 1]
         while budget > 0:
-            pre = prefilling.pop(0) if prefilling else self._admit()
+            pre = prefilling.pop(0) if prefilling else (None if out.preempted else self._admit())
             if pre is None:
                 break
             end = pre.num_computed + min(budget, pre.uncomputed)
@@ -105,11 +107,21 @@ class Scheduler:
             budget -= end - pre.num_computed
         return out
 
+    def pages_needed(self, req: Request) -> int:
+        """Pages promised to a request: its prompt and ``reserve_output`` of its output."""
+        reserve = int(self.config.reserve_output * req.params.max_tokens)
+        return (len(req.prompt_ids) + max(reserve, len(req.output_ids) + 1)) // self.block
+
+    @property
+    def promised(self) -> int:
+        """Pages running requests may still take."""
+        return sum(max(0, self.pages_needed(r) - len(r.pages)) for r in self.running)
+
     def _admit(self) -> Request | None:
         if not self.waiting or len(self.running) >= self.config.max_num_seqs or not self.free_slots:
             return None
         req = self.waiting[0]
-        if len(req.all_ids) // self.block + 1 > self.allocator.free:
+        if self.pages_needed(req) - len(req.pages) > self.allocator.free - self.promised:
             return None  # wait for memory: it frees as requests finish
         self.waiting.popleft()
         req.status, req.slot = Status.RUNNING, self.free_slots.pop()

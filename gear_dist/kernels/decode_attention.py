@@ -263,6 +263,8 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         maxp = table.shape[1]
         if maxp == 0:
             continue
+        if pos.stride() != table.stride():
+            raise ValueError("gear_decode_attention: pos and table are read with one stride; make both contiguous")
         plans.append((pool, table, pos, npages, _num_splits(bsz * h_kv, maxp, q.device, programs_per_sm), maxp))
     splits_total = max(1, sum(p[4] for p in plans))
     m = torch.empty(bsz, hq, splits_total, device=q.device, dtype=torch.float32)
