@@ -85,16 +85,23 @@ class EngineCore:
         req.output_ids.append(token)
         if logprob is not None:
             req.logprobs.append(logprob)
-        text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True) if self.tokenizer else ""
-        for stop in p.stop:
-            cut = text.find(stop, max(0, len(req.text) - len(stop)))
-            if cut >= 0:
-                req.text = text[:cut]
-                self.scheduler.finish(req, "stop")
-                return
-        req.text = text
+        if p.stop:  # detokenize every step only when a stop string must be looked for
+            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=True) if self.tokenizer else ""
+            for stop in p.stop:
+                cut = text.find(stop, max(0, len(req.text) - len(stop)))
+                if cut >= 0:
+                    req.text = text[:cut]
+                    self.scheduler.finish(req, "stop")
+                    return
+            req.text = text
         if len(req.output_ids) >= p.max_tokens or len(req.all_ids) >= self.scheduler.max_model_len:
             self.scheduler.finish(req, "length")
+
+    def text(self, req: Request) -> str:
+        """The request's output as text; with stop strings it is kept (and cut) at every step."""
+        if req.params.stop:
+            return req.text
+        return self.tokenizer.decode(req.output_ids, skip_special_tokens=True) if self.tokenizer else ""
 
     def stats(self) -> EngineStats:
         s = self.scheduler
@@ -176,7 +183,7 @@ class LLMEngine:
     def output(self, request_id: str) -> RequestOutput:
         group = self._groups[request_id]
         first = group[0]
-        outs = [CompletionOutput(i, r.text, list(r.output_ids), r.finish_reason,
+        outs = [CompletionOutput(i, self.core.text(r), list(r.output_ids), r.finish_reason,
                                  list(r.logprobs) if r.params.logprobs is not None else None)
                 for i, r in enumerate(group)]
         ttft = None if first.first_token_time is None else first.first_token_time - first.arrival

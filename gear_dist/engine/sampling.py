@@ -23,6 +23,8 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[tuple[int, TokenLogprob | None]]:
     """One token per row of ``logits [B, V]`` (fp32 is used for the distribution)."""
+    if all(p.greedy and p.logprobs is None for p in params):  # the common batch: one argmax, one sync
+        return [(t, None) for t in logits.argmax(-1).tolist()]
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     out = []
