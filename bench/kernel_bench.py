@@ -8,17 +8,13 @@ cases, for 2-bit gear / gear_l / kivi and 4-bit gear, against
 bytes really held, next to the measured device-to-device copy bandwidth; (3) compression:
 one 64-token block for all heads of a layer at batch 64, and a 16k-token prompt.
 
-    python bench/kernels.py --out bench/results        # prints a table, writes kernels-<device>-<date>.json
+    python bench/kernel_bench.py --out bench/results   # prints a table, writes kernels-<device>-<date>.json
+
+(Not named kernels.py: transformers imports any module called ``kernels`` it can find, probing
+for the Hugging Face kernels package, and bench/ is on the path of scripts run from it.)
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# This file shares its name with the `kernels` package that transformers probes for at import:
-# keep bench/ off the module path so that probe does not import this script.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import argparse  # noqa: E402
 import json  # noqa: E402
