@@ -41,7 +41,7 @@ def compression(name: str) -> CompressionConfig:
 
 
 def engines(config: Config, engine_cfg):
-    """(method, compression, engine) for each method: one model load (one shard group at tp > 1)."""
+    """(method, compression, engine, model) for each method: one model load at tp = 1."""
     b = config.bench
     if config.model.tp == 1:
         model, tokenizer = load(config.model)
@@ -52,19 +52,18 @@ def engines(config: Config, engine_cfg):
             gc.collect()
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return
-    group_config = dataclasses.replace(config, engine=engine_cfg, compression=compression(b.methods[0]))
-    first = build_engine(group_config)
-    group = first.core.worker
-    try:
-        for i, name in enumerate(b.methods):
-            comp = compression(name)
-            if i:
-                group.reset_kv(comp)
-            engine = first if i == 0 else LLMEngine.from_worker(group, group.layout, group.pages, load_config(config.model),
-                                                                  None, first.tokenizer, engine_cfg)
+    for name in b.methods:  # a fresh group per method, so each gets the same free memory
+        comp = compression(name)
+        engine = build_engine(dataclasses.replace(config, engine=engine_cfg, compression=comp))
+        try:
             yield name, comp, engine, None
-    finally:
-        group.shutdown()
+        finally:
+            engine.core.worker.shutdown()
+
+
+def _pages_per_seq(b, block: int) -> int:
+    """KV pages one request of the benchmark needs: prompt + output, rounded up to pages."""
+    return -(-(b.prompt_len + b.new_tokens) // block)
 
 
 def run(config: Config, on_row=lambda rows: None) -> dict:
@@ -76,7 +75,7 @@ def run(config: Config, on_row=lambda rows: None) -> dict:
     rows, model = [], None
     for name, comp, engine, model in engines(config, engine_cfg):
         pages = engine.core.scheduler.allocator.capacity
-        count = b.num_prompts or min(b.max_num_seqs, pages // ((b.prompt_len + b.new_tokens) // engine.core.scheduler.block))
+        count = b.num_prompts or min(b.max_num_seqs, pages // _pages_per_seq(b, engine.core.scheduler.block))
         row = engine_throughput(engine, random_prompts(count, b.prompt_len, vocab, b.seed), b.new_tokens)
         row.update(kv_pages=pages, block=engine.core.scheduler.block)
         if config.model.tp > 1:
@@ -102,7 +101,7 @@ def _record(config: Config, rows: list[dict]) -> dict:
     base = next((r for r in rows if r["method"] == "fp16"), None)
     for r in rows:
         if "kv_pages" in r:
-            r["max_batch"] = int(r["kv_pages"] // ((b.prompt_len + b.new_tokens) // r["block"]))
+            r["max_batch"] = int(r["kv_pages"] // _pages_per_seq(b, r["block"]))
         if base and base["tok_s"]:
             r["speedup_vs_fp16"] = r["tok_s"] / base["tok_s"]
             r["concurrency_vs_fp16"] = r["max_concurrent"] / max(base["max_concurrent"], 1)

@@ -81,18 +81,10 @@ class ShardGroup:
                      self.step_timeout_s)
             for i in range(self.tp)
         ]
-        self._build_kv(None)
-
-    def _build_kv(self, compression: CompressionConfig | None) -> None:
-        budgets = self._all([a.kv_budget.remote(compression) for a in self.actors], self.start_timeout_s)
+        budgets = self._all([a.kv_budget.remote() for a in self.actors], self.start_timeout_s)
         self.pages = min(self.layout.pages_for(b) for b in budgets)
         self.ranks = self._all([a.build.remote(self.pages) for a in self.actors], self.start_timeout_s)
         logger.info("shard group of %d ranks ready: %d pages each", self.tp, self.pages)
-
-    def reset_kv(self, compression: CompressionConfig) -> None:
-        """New KV stores for another compression config, the model shards kept (benchmarks)."""
-        self.compression = compression
-        self._build_kv(compression)
 
     def _all(self, refs: list, timeout: float) -> list:
         """Results of one call per rank; a dead rank raises at once, a silent one after ``timeout``."""

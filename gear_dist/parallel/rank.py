@@ -99,15 +99,10 @@ class RankWorker:
         self.compression, self.engine_cfg = compression, engine_cfg
         self.dtype = next(self.model.parameters()).dtype
 
-    def kv_budget(self, compression: CompressionConfig | None = None) -> int:
-        """Bytes this rank can give its KV store (dropping the current store first, if any)."""
+    def kv_budget(self) -> int:
+        """Bytes this rank can give its KV store."""
         from gear_dist.engine.core import kv_budget_bytes
 
-        if compression is not None:
-            self.compression = compression
-            self.worker = None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
         return kv_budget_bytes(self.engine_cfg, self.device)
 
     def build(self, pages: int) -> dict:
