@@ -247,6 +247,49 @@ class ServeConfig:
 
 
 @dataclass
+class SweepConfig:
+    """A Ray Tune sweep (jobs/sweep.py): which configs, what each trial measures, where it runs."""
+
+    name: str = "quick"
+    models: list[str] = field(default_factory=lambda: ["smollm2"])  # conf/model options
+    methods: list[str] = field(default_factory=lambda: ["fp16", "kivi", "gear_l", "gear"])  # conf/compression options
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # compression field -> values, crossed (compressed methods)
+    random: dict[str, list[Any]] = field(default_factory=dict)  # compression field -> choices, drawn per sample
+    num_samples: int = 1  # draws of the random choices per grid point
+    batches: list[int] = field(default_factory=lambda: [1, 4])  # throughput benchmark batch sizes
+    prompt_len: int = 128
+    new_tokens: int = 16
+    cpus_per_trial: int = 1
+    gpus_per_trial: int = 0  # per rank; a model with tp > 1 gets a placement group of tp bundles
+    max_concurrent_trials: int = 2
+    resume: bool = True  # continue an interrupted sweep of the same name
+    storage: str = ""  # "" = <results_dir>/sweeps
+
+    def __post_init__(self) -> None:
+        _require(bool(self.methods), "methods", "must name at least one conf/compression option")
+        _require(bool(self.models), "models", "must name at least one conf/model option")
+        _require(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        _require(all(b >= 1 for b in self.batches), "batches", "must be positive")
+        fields = {f.name for f in dataclasses.fields(CompressionConfig)}
+        unknown = sorted((set(self.grid) | set(self.random)) - fields)
+        _require(not unknown, "grid", f"unknown compression fields {unknown}")
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases logging: offline by default (no account); online when a key is set."""
+
+    project: str = "gear_dist"
+    group: str = ""  # "" = the sweep's name
+    tags: list[str] = field(default_factory=list)
+    mode: str = "offline"  # offline | online | disabled
+    dir: str = ""  # "" = the sweep's run directory
+
+    def __post_init__(self) -> None:
+        _require(self.mode in ("offline", "online", "disabled"), "mode", f"{self.mode!r} is not offline, online or disabled")
+
+
+@dataclass
 class Config:
     """The whole job: one config flows unchanged from eval and sweep to serve (conf/config.yaml)."""
 
@@ -256,6 +299,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     results_dir: str = "bench/results"
 
 
