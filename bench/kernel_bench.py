@@ -125,7 +125,6 @@ def decode_timings(copy_gbps: float) -> list[dict]:
         rows.append(dict(method="fp16", bits=16, batch=batch, context=context, ms=fp16_ms, fp16_ms=fp16_ms,
                          speedup=1.0, gbps=fp16_bytes / fp16_ms / 1e6, bytes=fp16_bytes, bits_per_element=16.0,
                          copy_fraction=fp16_bytes / fp16_ms / 1e6 / copy_gbps))
-        del k, v
         for name, cfg in METHODS.items():
             kv, nbytes = paged_cache(cfg, batch, context)
             qd = q[:, :, 0]
@@ -134,7 +133,7 @@ def decode_timings(copy_gbps: float) -> list[dict]:
             rows.append(dict(method=name, bits=cfg.bits, batch=batch, context=context, ms=ms, fp16_ms=fp16_ms,
                              speedup=fp16_ms / ms, gbps=gbps, bytes=nbytes, copy_fraction=gbps / copy_gbps,
                              bits_per_element=8 * nbytes / (2 * batch * HKV * (context + TAIL) * D)))
-            del kv
+
         torch.cuda.empty_cache()
     return rows
 
@@ -150,7 +149,7 @@ def tuning() -> list[dict]:
                 ms = bench_ms(lambda: gear_decode_attention(q, kv, D**-0.5, programs_per_sm=per_sm, num_warps=warps))
                 rows.append(dict(method=name, batch=16, context=16384, programs_per_sm=per_sm, num_warps=warps,
                                  ms=ms, gbps=nbytes / ms / 1e6))
-        del kv
+
     return rows
 
 

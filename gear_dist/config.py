@@ -48,10 +48,10 @@ class CompressionConfig:
     def __post_init__(self) -> None:
         _require(self.bits in BITS, "bits", f"{self.bits} is not one of {BITS}")
         _require(self.backbone in BACKBONES, "backbone", f"{self.backbone!r} is not one of {BACKBONES}")
-        for field in ("group_size", "block_size", "prefill_block_size", "iters"):
-            _require(getattr(self, field) > 0, field, f"must be positive, got {getattr(self, field)}")
-        for field in ("rank", "rank_prefill", "oversample"):
-            _require(getattr(self, field) >= 0, field, f"must be >= 0, got {getattr(self, field)}")
+        for name in ("group_size", "block_size", "prefill_block_size", "iters"):
+            _require(getattr(self, name) > 0, name, f"must be positive, got {getattr(self, name)}")
+        for name in ("rank", "rank_prefill", "oversample"):
+            _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         _require(0.0 <= self.outlier_ratio < 0.5, "outlier_ratio",
                  f"must lie in [0, 0.5), got {self.outlier_ratio}")
         _require(self.prefill_block_size % self.block_size == 0, "prefill_block_size",

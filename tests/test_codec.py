@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from gear_dist.codec import GearCodec, compress, formula_bits_per_element, quant
+from gear_dist.codec import GearCodec, compress, formula_bits_per_element
 from gear_dist.config import CompressionConfig
 from gear_dist.evals.synthetic import synthetic_kv
 

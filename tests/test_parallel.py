@@ -6,31 +6,18 @@ import time
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gear_dist.config import CompressionConfig, Config, EngineConfig, ModelConfig
 from gear_dist.engine import SamplingParams
 from gear_dist.engine.build import build_engine
 from gear_dist.engine.core import EngineError
-from gear_dist.models import packaged_path, random_config
+from gear_dist.models import random_config
 from gear_dist.parallel import check_divisible
 
 pytestmark = pytest.mark.slow
 PAGES = dict(block_size=16, prefill_block_size=16, group_size=16)
 PROMPTS = ["Hello there, how are", "The quick brown fox jumps over the lazy dog. The quick brown fox"]
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, logprobs=3)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny Llama (4 heads, 2 KV heads) saved to disk, so every process loads the same weights."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = random_config("llama3-8b", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=49152)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(packaged_path()).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,12 @@ import httpx
 import openai
 import pytest
 import ray
-import torch
 from ray import serve
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from gear_dist.cache import use_gear_attention
 from gear_dist.config import CompressionConfig, Config, EngineConfig, ModelConfig, ServeConfig
 from gear_dist.engine import LLMEngine, SamplingParams
-from gear_dist.models import load, packaged_path, random_config
+from gear_dist.models import load
 from gear_dist.serve.app import build_app
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -166,17 +164,6 @@ def test_load_sixteen_clients(server):
     res = asyncio.run(run_load(server, MODEL, concurrency=16, requests=8, max_tokens=(4, 12), prompt_words=(4, 60)))
     s = res.summary()
     assert s["requests"] == 128 and s["errors"] == 0 and s["incomplete"] == 0
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-serve")
-    torch.manual_seed(0)
-    config = random_config("llama3-8b", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=49152)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    AutoTokenizer.from_pretrained(packaged_path()).save_pretrained(path)
-    return str(path)
 
 
 def test_tp2_serves_the_same_tokens_as_tp1(server, tiny_dir):

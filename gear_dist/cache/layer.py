@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -26,6 +27,9 @@ from gear_dist import kernels
 from gear_dist.cache.pool import PagePool
 from gear_dist.codec import compress
 from gear_dist.config import CompressionConfig
+
+if TYPE_CHECKING:
+    from gear_dist.kernels.decode_attention import PagedKV
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from ray import tune
 
-from gear_dist.config import CompressionConfig, EngineConfig, ModelConfig
+from gear_dist.config import CompressionConfig, ModelConfig
 from gear_dist.sweep.space import trial_compression
 
 logger = logging.getLogger(__name__)
