@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/python bench/codec.py
+	$(BIN)/python jobs/sweep.py
 
 test: install
 	$(BIN)/python -m pytest

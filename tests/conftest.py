@@ -35,8 +35,8 @@ def real_model():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    """A tiny random Llama (4 heads, 2 KV heads) saved with the packaged tokenizer, so every
-    process (Ray actors, Serve replicas) loads the same weights."""
+    """A tiny random Llama (8 heads, 4 KV heads: TP up to 4) saved with the packaged tokenizer,
+    so every process (Ray actors, Serve replicas) loads the same weights."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from gear_dist.models import packaged_path, random_config
@@ -44,7 +44,7 @@ def tiny_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = random_config("llama3-8b", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=49152)
+                           num_attention_heads=8, num_key_value_heads=4, head_dim=32, vocab_size=49152)
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(packaged_path()).save_pretrained(path)
     return str(path)

@@ -1,6 +1,7 @@
-"""Tensor parallelism on CPU: two Ray actors over gloo with DeepSpeed AutoTP, against one process."""
+"""Tensor parallelism on CPU: two and four Ray actors over gloo with DeepSpeed AutoTP, against one process."""
 
 import asyncio
+import collections
 import time
 
 import pytest
@@ -40,14 +41,7 @@ def test_rejects_heads_tp_cannot_split():
         check_divisible(random_config("llama3-8b", hidden_size=384, num_attention_heads=6, num_key_value_heads=2), 4)
 
 
-@pytest.mark.parametrize("comp", ["fp16", "gear"])
-def test_tp2_equals_one_process(local_ray, tiny_dir, comp):
-    single = build_engine(config(tiny_dir, 1, comp)).generate(PROMPTS, GREEDY)
-    sharded_engine = build_engine(config(tiny_dir, 2, comp))
-    try:
-        sharded = sharded_engine.generate(PROMPTS, GREEDY)
-    finally:
-        sharded_engine.core.worker.shutdown()
+def assert_same_outputs(single, sharded) -> None:
     for a, b in zip(single, sharded):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
         # logits agree to float rounding (AutoTP sums partial products in another order)
@@ -56,16 +50,61 @@ def test_tp2_equals_one_process(local_ray, tiny_dir, comp):
         torch.testing.assert_close(lp_b, lp_a, atol=1e-4, rtol=0)
 
 
-def test_each_rank_holds_half_the_kv_bytes(local_ray, tiny_dir):
-    one = build_engine(config(tiny_dir, 1, "gear", kv_gib=0.05))
-    two = build_engine(config(tiny_dir, 2, "gear", kv_gib=0.025))  # the budget is per rank
+@pytest.mark.parametrize("comp", ["fp16", "gear"])
+def test_tp2_equals_one_process(local_ray, tiny_dir, comp):
+    single = build_engine(config(tiny_dir, 1, comp)).generate(PROMPTS, GREEDY)
+    sharded_engine = build_engine(config(tiny_dir, 2, comp))
+    try:
+        assert_same_outputs(single, sharded_engine.generate(PROMPTS, GREEDY))
+    finally:
+        sharded_engine.core.worker.shutdown()
+
+
+def test_tp4_equals_one_process_and_compression_adds_no_collectives(local_ray, tiny_dir):
+    """Four ranks of one KV head each: same tokens as one process, and the all-reduces of a
+    2-bit GEAR run are exactly those of the fp16 run (the compression is head-local)."""
+    def count_collectives(worker) -> None:
+        """Runs on a rank (defined here so Ray ships it by value): count every collective call
+        from here on, by function."""
+        import deepspeed.comm as ds_comm
+        import torch.distributed as tdist
+
+        worker.collectives = counts = collections.Counter()
+        for module, name in [(ds_comm, "inference_all_reduce"), (ds_comm, "all_reduce"), (tdist, "all_reduce"),
+                             (tdist, "broadcast"), (tdist, "all_gather"), (tdist, "all_gather_into_tensor"),
+                             (tdist, "reduce_scatter_tensor"), (tdist, "all_to_all_single")]:
+            def counted(*args, _fn=getattr(module, name), _key=f"{module.__name__}.{name}", **kwargs):
+                counts[_key] += 1
+                return _fn(*args, **kwargs)
+            setattr(module, name, counted)
+
+    calls = {}
+    for comp in ("fp16", "gear"):
+        single = build_engine(config(tiny_dir, 1, comp)).generate(PROMPTS, GREEDY)
+        engine = build_engine(config(tiny_dir, 4, comp))
+        group = engine.core.worker
+        try:
+            assert group.layout.heads == 1
+            group.collective_rpc(count_collectives)
+            assert_same_outputs(single, engine.generate(PROMPTS, GREEDY))
+            calls[comp] = group.collective_rpc(lambda w: dict(w.collectives))
+        finally:
+            group.shutdown()
+    assert calls["gear"] == calls["fp16"]
+    assert all(c.get("deepspeed.comm.inference_all_reduce", 0) > 0 for c in calls["gear"])  # the counter works
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_each_rank_holds_a_tp_th_of_the_kv_bytes(local_ray, tiny_dir, tp):
+    one = build_engine(config(tiny_dir, 1, "gear", kv_gib=0.04))
+    many = build_engine(config(tiny_dir, tp, "gear", kv_gib=0.04 / tp))  # the budget is per rank
     try:
         store = one.core.worker.store
         single = sum(p.nbytes for p in store.pools) + sum(t.numel() * t.element_size() for t in store.tail_k + store.tail_v)
-        assert two.core.scheduler.allocator.capacity == one.core.scheduler.allocator.capacity
-        assert two.core.worker.kv_nbytes() == [single // 2, single // 2]
+        assert many.core.scheduler.allocator.capacity == one.core.scheduler.allocator.capacity
+        assert many.core.worker.kv_nbytes() == [single // tp] * tp
     finally:
-        two.core.worker.shutdown()
+        many.core.worker.shutdown()
 
 
 def test_a_dead_rank_fails_the_request_fast_and_the_group_recovers(local_ray, tiny_dir):

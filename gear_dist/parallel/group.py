@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -107,6 +109,11 @@ class ShardGroup:
 
     def memory(self) -> list[dict]:
         return self._all([a.memory.remote() for a in self.actors], 60)
+
+    def collective_rpc(self, fn: Callable[[Any], Any], timeout: float = 60) -> list:
+        """``fn(rank_worker)`` on every rank, results in rank order (as vLLM's ``collective_rpc``):
+        for inspection and profiling hooks that need no method of their own."""
+        return self._all([a.call.remote(fn) for a in self.actors], timeout)
 
     def shutdown(self) -> None:
         for a in self.actors:

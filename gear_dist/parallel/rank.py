@@ -124,6 +124,10 @@ class RankWorker:
         pages = sum(p.nbytes for p in store.pools)
         return pages + sum(t.numel() * t.element_size() for t in store.tail_k + store.tail_v)
 
+    def call(self, fn):
+        """Run a driver-supplied ``fn(self)`` here (ShardGroup.collective_rpc)."""
+        return fn(self)
+
     def memory(self) -> dict:
         if self.device.type == "cuda":
             return dict(peak_gib=torch.cuda.max_memory_allocated(self.device) / 2**30,
