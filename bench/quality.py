@@ -27,7 +27,7 @@ from gear_dist.models import load
 
 CONFIGS = ["fp16", "kivi_8bit", "kivi", "gear_l", "gear", "kivi_4bit", "gear_4bit"]
 COLUMNS = ["method", "bits", "bits_per_element", "rel_err_k", "rel_err_v", "ppl", "ppl_rel_delta", "kl",
-           "top1_agreement", "greedy_agreement", "gsm8k_nll_delta", "passkey_acc"]
+           "top1_agreement", "greedy_agreement", "greedy_free_agreement", "gsm8k_nll_delta", "passkey_acc"]
 
 
 def main() -> None:
