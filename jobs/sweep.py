@@ -13,6 +13,7 @@ resumable), with report/ (CSV, parquet, markdown, PNG plots) and wandb/ (offline
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from ray.air.integrations.wandb import WandbLoggerCallback
 
 from gear_dist import results
 from gear_dist.config import Config, register_configs
+from gear_dist.evals.harness import with_absolute_paths
 from gear_dist.serve.app import config_to_dict
 from gear_dist.sweep.report import write_report
 from gear_dist.sweep.space import search_space
@@ -63,6 +65,7 @@ def _trial_dir(trial) -> str:
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     config: Config = OmegaConf.to_object(cfg)
+    config = dataclasses.replace(config, eval=with_absolute_paths(config.eval))  # trials run elsewhere
     sweep = config.sweep
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on by default
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, ignore_reinit_error=True)

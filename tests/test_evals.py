@@ -5,7 +5,7 @@ import torch
 
 from gear_dist.config import CompressionConfig, EvalConfig
 from gear_dist.evals import gsm8k, passkey
-from gear_dist.evals.harness import evaluate, text_windows
+from gear_dist.evals.harness import evaluate, text_windows, with_absolute_paths
 from gear_dist.evals.stream import compare_streams
 
 
@@ -90,3 +90,14 @@ def test_harness_on_the_real_model(real_model):
     assert 3 < gear["bits_per_element"] < 6 and gear["kl"] > 0
     assert fp16["passkey_acc"] == 1.0  # SmolLM2 retrieves reliably at this length (DESIGN §4)
     assert {"ppl", "ppl_delta", "top1_agreement", "passkey_acc_256", "kv_s", "ppl_s"} <= set(gear)
+
+
+def test_gsm8k_path_is_made_absolute_for_ray_workers(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.jsonl").write_text("")
+    monkeypatch.chdir(tmp_path)
+    cfg = EvalConfig(tasks=["ppl", "gsm8k_nll"], gsm8k_path="data")
+    assert with_absolute_paths(cfg).gsm8k_path == str(tmp_path / "data")
+    assert with_absolute_paths(EvalConfig(tasks=["ppl"], gsm8k_path="nowhere")).gsm8k_path == "nowhere"  # not needed
+    with pytest.raises(FileNotFoundError, match="^gsm8k_path: no test.jsonl"):
+        with_absolute_paths(EvalConfig(tasks=["gsm8k_em"], gsm8k_path="nowhere"))

@@ -6,6 +6,7 @@ so a metric is a *cost of compression*, not a model score. The dict is what the 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -36,6 +37,15 @@ def perplexity(model, tokenizer, compression: CompressionConfig, text: str, cfg:
         compare_streams(model, batch, compression, prefix=cfg.ppl_prefix, chunk=compression.block_size, stats=stats)
     s = stats.summary()
     return {k: s[k] for k in ("ppl_ref", "ppl", "ppl_delta", "ppl_rel_delta", "kl", "top1_agreement")}
+
+
+def with_absolute_paths(cfg: EvalConfig) -> EvalConfig:
+    """``cfg`` with its data paths made absolute where the job starts: Ray runs trials and jobs
+    in a working-dir copy, where a path relative to the caller's directory means nothing. A
+    missing GSM8K directory fails here, before any trial starts."""
+    if any(task.startswith("gsm8k") for task in cfg.tasks):
+        return dataclasses.replace(cfg, gsm8k_path=str(gsm8k.data_dir(cfg.gsm8k_path).resolve()))
+    return cfg
 
 
 def evaluate(model, tokenizer, compression: CompressionConfig, cfg: EvalConfig) -> dict[str, float]:
