@@ -101,12 +101,18 @@ def test_compress_kernel_matches_codec(seed, name, overrides, kind):
     assert _rel(decompress(got)[real], x[real]) < 1.0
 
 
-def test_the_switch_changes_the_path_taken():
+def _tiny_model():
+    """A two-layer random Llama (4 heads, 2 KV heads, d=64) with gear attention, seeded."""
     torch.manual_seed(0)
     cfg = random_config("llama3-8b", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=256)
     model = AutoModelForCausalLM.from_config(cfg).to(DEVICE).eval()
     use_gear_attention(model)
+    return model
+
+
+def test_the_switch_changes_the_path_taken():
+    model = _tiny_model()
     ids = torch.randint(3, 256, (2, 80), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[0, :9] = 0
@@ -174,11 +180,7 @@ def test_engine_takes_the_kernel_path_with_the_same_tokens():
     from gear_dist.config import EngineConfig
     from gear_dist.engine import LLMEngine, SamplingParams
 
-    torch.manual_seed(0)
-    cfg = random_config("llama3-8b", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=256)
-    model = AutoModelForCausalLM.from_config(cfg).to(DEVICE).eval()
-    use_gear_attention(model)
+    model = _tiny_model()
     comp = CompressionConfig.preset("gear", block_size=16, prefill_block_size=16, group_size=16)
     prompts = [torch.randint(3, 256, (n,)).tolist() for n in (20, 45, 7)]
     outs, counts = {}, {}
