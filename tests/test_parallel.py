@@ -99,8 +99,7 @@ def test_each_rank_holds_a_tp_th_of_the_kv_bytes(local_ray, tiny_dir, tp):
     one = build_engine(config(tiny_dir, 1, "gear", kv_gib=0.04))
     many = build_engine(config(tiny_dir, tp, "gear", kv_gib=0.04 / tp))  # the budget is per rank
     try:
-        store = one.core.worker.store
-        single = sum(p.nbytes for p in store.pools) + sum(t.numel() * t.element_size() for t in store.tail_k + store.tail_v)
+        single = one.core.worker.store.nbytes()
         assert many.core.scheduler.allocator.capacity == one.core.scheduler.allocator.capacity
         assert many.core.worker.kv_nbytes() == [single // tp] * tp
     finally:

@@ -99,6 +99,10 @@ class KVStore:
                        for _ in range(self.layers)]
         self.tail_v = [torch.zeros_like(t) for t in self.tail_k]
 
+    def nbytes(self) -> int:
+        """Bytes the store really holds: every pool's pages plus the fp16 tails."""
+        return sum(p.nbytes for p in self.pools) + sum(t.numel() * t.element_size() for t in self.tail_k + self.tail_v)
+
 
 @dataclass
 class SeqStep:

@@ -120,9 +120,7 @@ class RankWorker:
 
     def kv_nbytes(self) -> int:
         """Bytes this rank's KV store holds (pages of its heads plus tails)."""
-        store = self.worker.store
-        pages = sum(p.nbytes for p in store.pools)
-        return pages + sum(t.numel() * t.element_size() for t in store.tail_k + store.tail_v)
+        return self.worker.store.nbytes()
 
     def call(self, fn):
         """Run a driver-supplied ``fn(self)`` here (ShardGroup.collective_rpc)."""
