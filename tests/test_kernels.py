@@ -19,6 +19,7 @@ SMALL = dict(block_size=32, prefill_block_size=64, group_size=32)
 CONFIGS = [("kivi", {}), ("gear_l", {}), ("gear", {}), ("gear", dict(bits=3)), ("gear", dict(bits=4)),
            ("gear", dict(bits=8, outlier_ratio=0.1, rank=4))]
 IDS = [f"{n}-{o.get('bits', 2)}" for n, o in CONFIGS]
+ATTN_TOL = 3e-3  # the decode kernel multiplies in fp16 on the tensor cores whatever the input dtype
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,7 +48,7 @@ def test_decode_attention_matches_reference(seed, name, overrides):
     out = gear_decode_attention(q, kv, 0.125)
     ref = decode_attention_reference(q, kv, 0.125)
     assert torch.isfinite(out).all()
-    assert _rel(out, ref) <= (1e-2 if DTYPE == torch.float16 else 1e-5)
+    assert _rel(out, ref) <= ATTN_TOL
 
 
 def test_reference_equals_sdpa_on_decompressed_layer(seed):
@@ -79,7 +80,7 @@ def test_variable_lengths_per_sequence(seed):
     kv = PagedKV([(pool, table, pos, i32(pages))], tk, tv, i32(tails), i32([p * 32 for p in pages]), i32([0, 0, 0]))
     q = torch.randn(3, 4, 64, device=DEVICE, dtype=DTYPE)
     out = gear_decode_attention(q, kv, 0.125)
-    assert _rel(out, decode_attention_reference(q, kv, 0.125)) <= (1e-2 if DTYPE == torch.float16 else 1e-5)
+    assert _rel(out, decode_attention_reference(q, kv, 0.125)) <= ATTN_TOL
 
 
 @pytest.mark.parametrize("name, overrides", CONFIGS, ids=IDS)
@@ -116,7 +117,7 @@ def test_the_switch_changes_the_path_taken():
     ids = torch.randint(3, 256, (2, 80), device=DEVICE)
     mask = torch.ones_like(ids)
     mask[0, :9] = 0
-    comp = CompressionConfig.preset("gear", block_size=16, prefill_block_size=32, group_size=16)
+    comp = CompressionConfig.preset("gear", block_size=32, prefill_block_size=64, group_size=32)
     outs, counts = {}, {}
     for mode in ("off", "on"):
         kernels.launches.clear()
@@ -181,7 +182,7 @@ def test_engine_takes_the_kernel_path_with_the_same_tokens():
     from gear_dist.engine import LLMEngine, SamplingParams
 
     model = _tiny_model()
-    comp = CompressionConfig.preset("gear", block_size=16, prefill_block_size=16, group_size=16)
+    comp = CompressionConfig.preset("gear", block_size=32, prefill_block_size=32, group_size=32)
     prompts = [torch.randint(3, 256, (n,)).tolist() for n in (20, 45, 7)]
     outs, counts = {}, {}
     for mode in ("off", "on"):
@@ -193,3 +194,12 @@ def test_engine_takes_the_kernel_path_with_the_same_tokens():
     assert counts["off"] == {} and counts["on"]["decode_attention"] > 0 and counts["on"]["compress"] > 0
     agree = sum(a == b for x, y in zip(outs["on"], outs["off"]) for a, b in zip(x, y)) / 90
     assert agree > 0.95
+
+
+def test_decode_kernel_takes_only_groups_in_its_column_order():
+    """A value group must span whole runs of the kernel's column order; other configs fall back."""
+    ok = CompressionConfig.preset("gear", block_size=32, prefill_block_size=32, group_size=32)
+    interleaved = CompressionConfig.preset("gear", block_size=32, prefill_block_size=32, group_size=16)
+    assert kernels.supports(ok, 32, 64) and not kernels.supports(interleaved, 32, 64)
+    assert kernels.supports(interleaved.replace(bits=3), 32, 64)  # 3-bit codes keep the channel order
+    assert kernels.supports_compress(interleaved, 32, 64)

@@ -60,11 +60,19 @@ def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def supports(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
-    """Page formats the decode kernel reads: the KIVI backbone, power-of-two page and head sizes."""
+def _pages(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
+    """Page formats both kernels take: the KIVI backbone, power-of-two page and head sizes,
+    heads of at least 32 channels (the decode kernel reads a packed row as int32 words)."""
     return (config.compressed and config.backbone == "kivi" and _pow2(tokens) and _pow2(head_dim)
-            and _pow2(config.group_size) and head_dim >= 16 and tokens % config.group_size == 0
+            and _pow2(config.group_size) and head_dim >= 32 and tokens % config.group_size == 0
             and head_dim % config.group_size == 0)
+
+
+def supports(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
+    """Pages the decode kernel reads: value groups must be whole runs of its column order (a
+    group spans a byte's code planes: ``group_size`` a multiple of head_dim / bits, e.g. 64 at
+    2 bits and d=128); 3-bit codes keep the channel order."""
+    return _pages(config, tokens, head_dim) and (config.bits == 3 or config.group_size % (head_dim // config.bits) == 0)
 
 
 MAX_COMPRESS_ELEMENTS = 64 * 128  # one block in registers; larger blocks (prefill pages) use torch
@@ -75,4 +83,4 @@ def supports_compress(config: CompressionConfig, tokens: int, head_dim: int) -> 
 
     NOTE: a 256 x 128 prefill page needs ~390 KB of shared memory for its dots and reductions,
     over the H100's 227 KB; those pages go through the torch codec on the GPU instead."""
-    return supports(config, tokens, head_dim) and tokens * head_dim <= MAX_COMPRESS_ELEMENTS
+    return _pages(config, tokens, head_dim) and tokens * head_dim <= MAX_COMPRESS_ELEMENTS

@@ -20,6 +20,7 @@ File order as Triton's fused-attention tutorial: helpers, kernels, launcher, tor
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,16 +37,19 @@ if TYPE_CHECKING:
 
 # -- helpers ---------------------------------------------------------------------------------
 @triton.jit
-def _unpack_tile(ptr, tok, BITS: tl.constexpr, D: tl.constexpr):
-    """Codes [len(tok), D] (int32) of rows ``tok`` of a planar-packed [tokens, D*BITS/8] page.
+def _tile(ptr, tok, BITS: tl.constexpr, D: tl.constexpr):
+    """Rows ``tok`` of a planar-packed [tokens, D*BITS/8] page as an fp16 [len(tok), D] tile whose
+    columns hold the channels :func:`_order` names.
 
-    Channel c is code plane i = c // (D/8), column j = c % (D/8); its bits start at BITS*i in a
-    word of BITS byte planes. For BITS in {2, 4, 8} byte plane k holds whole code planes
-    k*8/BITS ..., so the tile is loaded as [BITS, tokens, D/8] rows of contiguous bytes (wide
-    loads), shifted into [BITS, tokens, 8/BITS, D/8] and flattened in channel order. BITS=3
-    straddles byte planes and takes a per-channel gather instead."""
+    For BITS in {2, 4, 8} no code is converted to a float: a row is read as int32 words (four
+    byte-plane columns each); masking one code plane in place and or-ing 0x6400 (fp16 1024.0)
+    into both 16-bit halves gives two fp16 numbers ``1024 + code * 2**(BITS*s)`` (s: the plane's
+    place in its byte) in one integer op, and the pair stays in its register: the columns follow
+    the registers rather than the channels, so the tile reaches the tensor cores without a
+    shuffle. BITS=3 straddles bytes and gathers per channel (value: the code itself)."""
     W: tl.constexpr = D // 8
     ROW: tl.constexpr = D * BITS // 8
+    n: tl.constexpr = tok.shape[0]
     if BITS == 3:
         c = tl.arange(0, D)
         bitpos = BITS * (c // W)
@@ -54,17 +58,45 @@ def _unpack_tile(ptr, tok, BITS: tl.constexpr, D: tl.constexpr):
         lo = tl.load(ptr + tok[:, None] * ROW + byte[None, :]).to(tl.int32) >> shift[None, :]
         spill = (shift + BITS) > 8  # planes 2 and 5 continue in the next byte plane
         hi = tl.load(ptr + tok[:, None] * ROW + byte[None, :] + W, mask=spill[None, :], other=0).to(tl.int32)
-        out = (lo | (hi << (8 - shift[None, :]))) & 7
+        return ((lo | (hi << (8 - shift[None, :]))) & 7).to(tl.float16)
     else:
+        PER: tl.constexpr = 8 // BITS  # code planes per byte
+        NW: tl.constexpr = ROW // 4
+        words = tl.load(ptr.to(tl.pointer_type(tl.int32)) + tok[:, None] * NW + tl.arange(0, NW)[None, :])
+        mask = (((1 << BITS) - 1) * 0x00010001) << (BITS * tl.arange(0, PER))  # plane s of bytes 0 and 2
+        half = words[:, :, None] >> (8 * tl.arange(0, 2))[None, None, :]  # bytes 0, 2 | 1, 3 at the bottom
+        m = (half[:, :, None, :] & mask[None, None, :, None]) | 0x64006400  # [n, NW, PER, 2]
+        x = tl.join(m.to(tl.int16), (m >> 16).to(tl.int16)).to(tl.float16, bitcast=True)  # [n, NW, PER, 2, 2]
+        return tl.reshape(x, (n, D))
+
+
+@triton.jit
+def _order(BITS: tl.constexpr, D: tl.constexpr):
+    """For each column of a :func:`_tile`: its channel, and ``bias, step`` with
+    ``tile = bias + code * step``."""
+    col = tl.arange(0, D)
+    if BITS == 3:
+        return col, 0.0, tl.full([D], 1.0, tl.float32)
+    else:
+        W: tl.constexpr = D // 8
         PER: tl.constexpr = 8 // BITS
-        n: tl.constexpr = tok.shape[0]
-        k = tl.arange(0, BITS)
-        j = tl.arange(0, W)
-        raw = tl.load(ptr + tok[None, :, None] * ROW + k[:, None, None] * W + j[None, None, :]).to(tl.int32)
-        shifts = tl.arange(0, PER) * BITS
-        codes = (raw[:, :, None, :] >> shifts[None, None, :, None]) & ((1 << BITS) - 1)  # [BITS, n, PER, W]
-        out = tl.reshape(tl.permute(codes, (1, 0, 2, 3)), (n, D))
-    return out
+        byte = 2 * (col % 2) + (col // 2) % 2  # [.., 2, 2] = (byte 0/2 or 1/3, low or high half)
+        s = (col // 4) % PER
+        word = col // (4 * PER)
+        channel = ((word // (W // 4)) * PER + s) * W + 4 * (word % (W // 4)) + byte
+        return channel, 1024.0, tl.exp2((BITS * s).to(tl.float32))
+
+
+@triton.jit
+def _hit(a, b, PTX: tl.constexpr):
+    """fp16 1.0 where a == b, else 0.0: one PTX ``set.eq.f16x2`` per two positions, where a
+    compare and a select take two instructions per position (the interpreter runs no PTX)."""
+    if PTX:
+        a, b = tl.broadcast(a, b)
+        return tl.inline_asm_elementwise("set.eq.f16x2.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    else:
+        return tl.where(a == b, 1.0, 0.0).to(tl.float16)
 
 
 @triton.jit
@@ -76,18 +108,19 @@ def _pages_kernel(
     M_OUT, L_OUT, ACC_OUT, split_offset, splits_total,
     H_KV: tl.constexpr, GQA: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     PAGE: tl.constexpr, G: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr,
-    KO: tl.constexpr, VO: tl.constexpr, PPS: tl.constexpr,
+    KO: tl.constexpr, VO: tl.constexpr, PPS: tl.constexpr, TILE: tl.constexpr, PTX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // H_KV
     h = pid % H_KV
-    dt = Q.dtype.element_ty
+    f16 = tl.float16  # every product runs in fp16 on the tensor cores, whatever the model's dtype
 
     # per-head strides inside a page (pool tensors are contiguous [pages, H_KV, ...])
     CODES: tl.constexpr = PAGE * D * BITS // 8
     KSTAT: tl.constexpr = PAGE // G * D
-    VSTAT: tl.constexpr = PAGE * (D // G)
+    NG: tl.constexpr = D // G  # value groups per token
+    VSTAT: tl.constexpr = PAGE * NG
     LRA: tl.constexpr = PAGE * RANK
     LRB: tl.constexpr = D * RANK
     KOUT: tl.constexpr = PAGE // G * D * KO
@@ -95,12 +128,22 @@ def _pages_kernel(
 
     rows = tl.arange(0, M_PAD)
     row_ok = rows < GQA
-    offs_d = tl.arange(0, D)
-    offs_t = tl.arange(0, G)
+    offs_t = tl.arange(0, TILE)
     offs_r = tl.arange(0, R_PAD)
-    q_ptrs = Q + b * stride_qb + (h * GQA + rows)[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [M, D], pre-scaled by the softmax scale
+    # every [.., D] tensor is in the tile's column order: column c holds channel chan[c]
+    chan, bias, step = _order(BITS, D)
+    q_ptrs = Q + b * stride_qb + (h * GQA + rows)[:, None] * stride_qh + chan[None, :]
+    q16 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(f16)  # [M, D], pre-scaled by the softmax scale
+    qt16 = tl.trans(q16)  # [D, M]
     valid_from = tl.load(VALID_FROM + b)
+    # Keys: k = code * ks + kz and tile = bias + code * step, so
+    #   q.k = (tile . w - bias * sum(w)) / top + q.kz   with w = q * ks * top / step in fp16,
+    # top = max(step) keeping w clear of fp16 subnormals. Values: code = tile / step - bias / step
+    # exactly in fp16, then v = code * vs + vz (vs, vz: per token and group of G channels).
+    top = tl.max(step, axis=0)
+    w_scale = top / step
+    inv_step = (1.0 / step).to(f16)
+    neg_bias = (-bias / step).to(f16)
 
     m_i = tl.full([M_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([M_PAD], tl.float32)
@@ -109,37 +152,34 @@ def _pages_kernel(
     npages = tl.load(NPAGES + b)
     first = split * PPS
     last = tl.minimum(first + PPS, npages)
-    qt = tl.trans(q)  # [D, M]
     for p in range(first, last):
         page = tl.load(TABLE + b * stride_tb + p).to(tl.int64)
         pos0 = tl.load(POS + b * stride_tb + p)
         ph = page * H_KV + h
         if RANK > 0:  # factors padded to R_PAD >= 16 columns so every product is a tensor-core dot
             r_ok = (offs_r < RANK)[None, :]
-            bk = tl.load(KB + ph * LRB + offs_d[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0).to(dt)
-            qb_t = tl.trans(tl.dot(q, bk).to(dt))  # [R, M]
-            bv_t = tl.trans(tl.load(VB + ph * LRB + offs_d[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0).to(dt))
+            bk = tl.load(KB + ph * LRB + chan[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0)
+            qb_t = tl.trans(tl.dot(q16, bk).to(f16))  # [R, M]
+            bv_t = tl.trans(tl.load(VB + ph * LRB + chan[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0))
             pa = tl.zeros([M_PAD, R_PAD], tl.float32)
-        for g in range(PAGE // G):
-            tok = g * G + offs_t
-            # -- scores of this tile, computed transposed ([G, M]) so the big operand needs no transpose.
-            # keys are per channel: (code * scale + zero).q = code.(q * scale) + zero.q, so the codes
-            # go to the tensor cores as they are and no dequantized key tile is formed
-            ks = tl.load(KS + ph * KSTAT + g * D + offs_d).to(tl.float32)
-            kz = tl.load(KZ + ph * KSTAT + g * D + offs_d).to(tl.float32)
-            kcodes = _unpack_tile(KC + ph * CODES, tok, BITS, D).to(dt)
-            st = tl.dot(kcodes, (qt.to(tl.float32) * ks[:, None]).to(dt))
-            st += tl.sum(qt.to(tl.float32) * kz[:, None], axis=0)[None, :]
+        for i in range(PAGE // TILE):  # tiles of TILE tokens; statistics per group of G
+            tok = i * TILE + offs_t
+            g = i * TILE // G
+            # -- scores of this tile, transposed ([TILE, M]) so the big operand needs no transpose
+            ks = tl.load(KS + ph * KSTAT + g * D + chan).to(tl.float32)
+            kz = tl.load(KZ + ph * KSTAT + g * D + chan).to(tl.float32)
+            w = q16 * (ks * w_scale).to(f16)[None, :]  # exact scaling by a power of two, one rounding
+            k_bias = tl.sum(q16.to(tl.float32) * kz[None, :] - bias / top * w.to(tl.float32), axis=1)
+            st = tl.dot(_tile(KC + ph * CODES, tok, BITS, D), tl.trans(w)) / top + k_bias[None, :]
             if RANK > 0:
                 ak = tl.load(KA + ph * LRA + tok[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0)
-                st += tl.dot(ak.to(dt), qb_t)
+                st += tl.dot(ak, qb_t)
             if KO > 0:  # row c of group g holds KO entries: the token is the index, add them densely
-                sk = tl.zeros([G, D], tl.float32)
+                sk = tl.zeros([TILE, D], f16)
                 for j in tl.static_range(KO):
-                    slot = ph * KOUT + (g * D + offs_d) * KO + j
-                    idx = tl.load(KOI + slot).to(tl.int32)
-                    sk += tl.where(offs_t[:, None] == idx[None, :], tl.load(KOV + slot).to(tl.float32)[None, :], 0.0)
-                st += tl.dot(sk.to(dt), qt)
+                    slot = ph * KOUT + (g * D + chan) * KO + j
+                    sk += _hit((tok - g * G).to(f16)[:, None], tl.load(KOI + slot).to(f16)[None, :], PTX) * tl.load(KOV + slot)[None, :]
+                st += tl.dot(sk, qt16)
             s = tl.trans(st)  # [M, G]
             pos = pos0 + tok
             s = tl.where((pos >= valid_from)[None, :], s, float("-inf"))
@@ -151,28 +191,28 @@ def _pages_kernel(
             l_i = l_i * alpha + tl.sum(prob, axis=1)
             acc = acc * alpha[:, None]
             m_i = m_new
-            # -- p.V of this tile: values per token, dequantized, outliers added densely (row t of the
-            #    tile holds VO entries whose index is the channel)
-            vstat = ph * VSTAT + tok[:, None] * (D // G) + (offs_d // G)[None, :]
-            v = _unpack_tile(VC + ph * CODES, tok, BITS, D).to(tl.float32) * tl.load(VS + vstat).to(tl.float32)
-            v += tl.load(VZ + vstat).to(tl.float32)
+            # -- p.V of this tile: values per token and group of G channels; outliers added densely
+            #    (row t of the tile holds VO entries whose index is the channel)
+            code = _tile(VC + ph * CODES, tok, BITS, D) * inv_step[None, :] + neg_bias[None, :]
+            vstat = ph * VSTAT + tok[:, None] * NG + tl.arange(0, NG)[None, :]
+            vs, vz = tl.load(VS + vstat)[:, :, None], tl.load(VZ + vstat)[:, :, None]  # [TILE, NG, 1]
+            v = tl.reshape(tl.reshape(code, (TILE, NG, G)) * vs + vz, (TILE, D))  # a group: G columns in a row
             if VO > 0:
                 for j in tl.static_range(VO):
                     slot = ph * VOUT + tok * VO + j
-                    idx = tl.load(VOI + slot).to(tl.int32)
-                    v += tl.where(offs_d[None, :] == idx[:, None], tl.load(VOV + slot).to(tl.float32)[:, None], 0.0)
-            pd = prob.to(dt)
-            acc += tl.dot(pd, v.to(dt))
+                    v += _hit(chan.to(f16)[None, :], tl.load(VOI + slot).to(f16)[:, None], PTX) * tl.load(VOV + slot)[:, None]
+            pd = prob.to(f16)
+            acc += tl.dot(pd, v)
             if RANK > 0:
                 av = tl.load(VA + ph * LRA + tok[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0)
-                pa = pa * alpha[:, None] + tl.dot(pd, av.to(dt))
+                pa = pa * alpha[:, None] + tl.dot(pd, av)
         if RANK > 0:  # the page's low-rank part of p.V: (p.A_v) B_v^T
-            acc += tl.dot(pa.to(dt), bv_t)
+            acc += tl.dot(pa.to(f16), bv_t)
 
     out = (b * (H_KV * GQA) + h * GQA + rows) * splits_total + split_offset + split
     tl.store(M_OUT + out, m_i, mask=row_ok)
     tl.store(L_OUT + out, l_i, mask=row_ok)
-    tl.store(ACC_OUT + out[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.store(ACC_OUT + out[:, None] * D + chan[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -248,10 +288,11 @@ def _num_splits(work: int, max_pages: int, device: torch.device, per_sm: int) ->
 
 
 def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, programs_per_sm: int = 16,
-                          num_warps: int = 2) -> torch.Tensor:
+                          num_warps: int = 2, tile_tokens: int = 64, num_stages: int | None = None,
+                          maxnreg: int | None = None) -> torch.Tensor:
     """Attention of one query token per sequence, ``q [B, H_q, D]``, over a layer's GEAR
     pages and fp16 tail. Returns ``[B, H_q, D]`` in ``q``'s dtype. The keyword arguments are
-    tuning knobs (bench/kernels.py sweeps them)."""
+    tuning knobs (bench/kernel_bench.py sweeps them); ``tile_tokens`` is capped by the group size."""
     bsz, hq, d = q.shape
     h_kv = kv.tail_k.shape[1]
     if hq % h_kv:
@@ -293,8 +334,8 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         launch(_pages_kernel, (bsz * h_kv, splits), args,
             H_KV=h_kv, GQA=gqa, M_PAD=max(16, _next_pow2(gqa)), D=d, BITS=spec_k.bits,
             PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(16, _next_pow2(rank)),
-            KO=ko, VO=vo,
-            PPS=-(-maxp // splits), num_warps=num_warps,
+            KO=ko, VO=vo, PPS=-(-maxp // splits), TILE=min(tile_tokens, spec_k.tile[0]),
+            PTX=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
         )
         offset += splits
     out = torch.empty_like(q)

@@ -34,10 +34,14 @@ def compiling() -> bool:
     return _target.get() is not None
 
 
-def launch(kernel, grid: tuple[int, ...], args: tuple, num_warps: int = 4, **meta) -> None:
+def launch(kernel, grid: tuple[int, ...], args: tuple, num_warps: int = 4, num_stages: int | None = None,
+           maxnreg: int | None = None, **meta) -> None:
+    """``meta``: the kernel's constexprs; the other keywords are compiler options (None: Triton's default)."""
     target = _target.get()
+    options = {k: v for k, v in dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg).items()
+               if v is not None}
     if target is None:
-        kernel[grid](*args, num_warps=num_warps, **meta)
+        kernel[grid](*args, **options, **meta)
         return
     from triton.compiler import ASTSource
 
@@ -45,8 +49,7 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, num_warps: int = 4, **met
     signature = {n: _type(v) for n, v in zip(names, args)}
     signature.update({n: "constexpr" for n in meta})
     constexprs = {(names.index(n),): v for n, v in meta.items()}
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
-                   options={"num_warps": num_warps})
+    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target, options=options)
     compiled.append(kernel.__name__)
 
 
