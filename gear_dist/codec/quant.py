@@ -89,7 +89,10 @@ def quantize(
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
     zero = _fp16_down(lo)
     span = hi - zero.float()
-    scale = _fp16_up(torch.where(span > 0, span / levels, torch.ones_like(span)))  # guard max == min
+    # a tensor divisor: CUDA torch turns division by a Python scalar into a multiply by its
+    # reciprocal, one ulp off IEEE division, which moves the rounded-up scale when the quotient is
+    # an fp16 value; the GPU kernel divides exactly (div_rn), and so must its reference
+    scale = _fp16_up(torch.where(span > 0, span / torch.full_like(span, levels), torch.ones_like(span)))  # max == min
     # floor(x + 0.5), not round-half-even: the GPU kernel computes the same codes at ties
     codes = ((t - zero.float()[..., None]) / scale.float()[..., None]).add_(0.5).floor_().clamp_(0, levels)
     return _untiles(codes.to(torch.uint8), tile), scale, zero

@@ -1,16 +1,17 @@
 """Decode attention read straight from GEAR pages: no fp16 K/V is ever written to memory.
 
-Flash-decoding (Dao et al., 2023) with split-K over pages, per 64-token tile of a page:
+Flash-decoding (Dao et al., 2023) with split-K over pages, per tile of ``TILE`` tokens of a page:
 
     q.K^T = q.D^T + (q.B_k) A_k^T + q.S_k^T        p.V = p.D_v + (p.A_v) B_v^T + p.S_v
 
-- D: packed codes are unpacked in registers (planar layout, codec/quant.py) and dequantized with
-  the tile's fp16 scale/minimum, then multiplied on the tensor cores;
+- D: packed codes become fp16 in registers without a conversion (:func:`_tile`); key scales and
+  minima fold into q once per group, values are dequantized with packed fp16 FMAs, and both
+  products run on the tensor cores;
 - L: ``q.B_k`` is formed once per page, ``p.A_v`` is accumulated over the page's tiles and
   expanded through ``B_v`` at the page's end (factors padded to 16 columns: tensor-core dots);
 - S: outlier rows have a fixed length, so the row of each stored entry is known from its slot;
   a tile's few entries (2 per row by default) are added as a dense tile by comparing their
-  positions, into V before its product and as one more small product for K.
+  positions (packed fp16 compares), into V before its product and as one more small product for K.
 
 One launch per page pool writes per-split partials (running max, sum, output); a second kernel
 merges them with the fp16 tail (fewer than ``block_size`` tokens) and normalises.
@@ -178,9 +179,10 @@ def _pages_kernel(
                 sk = tl.zeros([TILE, D], f16)
                 for j in tl.static_range(KO):
                     slot = ph * KOUT + (g * D + chan) * KO + j
-                    sk += _hit((tok - g * G).to(f16)[:, None], tl.load(KOI + slot).to(f16)[None, :], PTX) * tl.load(KOV + slot)[None, :]
+                    hit = _hit((tok - g * G).to(f16)[:, None], tl.load(KOI + slot).to(f16)[None, :], PTX)
+                    sk += hit * tl.load(KOV + slot)[None, :]
                 st += tl.dot(sk, qt16)
-            s = tl.trans(st)  # [M, G]
+            s = tl.trans(st)  # [M, TILE]
             pos = pos0 + tok
             s = tl.where((pos >= valid_from)[None, :], s, float("-inf"))
             # -- online softmax
@@ -200,7 +202,8 @@ def _pages_kernel(
             if VO > 0:
                 for j in tl.static_range(VO):
                     slot = ph * VOUT + tok * VO + j
-                    v += _hit(chan.to(f16)[None, :], tl.load(VOI + slot).to(f16)[:, None], PTX) * tl.load(VOV + slot)[:, None]
+                    hit = _hit(chan.to(f16)[None, :], tl.load(VOI + slot).to(f16)[:, None], PTX)
+                    v += hit * tl.load(VOV + slot)[:, None]
             pd = prob.to(f16)
             acc += tl.dot(pd, v)
             if RANK > 0:
