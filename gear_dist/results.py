@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-RESULT_KINDS = ("codec", "quality", "kernels", "engine", "serve", "sweep")
+RESULT_KINDS = ("codec", "quality", "kernels", "engine", "profile", "serve", "sweep")
 _PACKAGES = ("torch", "transformers", "triton", "ray", "deepspeed", "hydra-core", "wandb")
 
 

@@ -151,3 +151,15 @@ def test_queue_limit(real_model):
     eng.add_request("b", GREEDY)
     with pytest.raises(QueueFull):
         eng.add_request("c", GREEDY)
+
+
+def test_token_slice_equals_slicing_all_ids():
+    """Steps read tokens by slice without concatenating prompt and output each time."""
+    from gear_dist.engine.request import Request
+
+    req = Request([1, 2, 3], SamplingParams())
+    req.output_ids += [4, 5]
+    assert req.length == 5
+    for start in range(6):
+        for end in range(start, 6):
+            assert req.token_slice(start, end) == req.all_ids[start:end], (start, end)

@@ -33,7 +33,7 @@ def engine_throughput(engine: LLMEngine, prompts: list[list[int]], new_tokens: i
     most = steps = 0
     _sync(device)
     t0 = time.perf_counter()
-    while not all(engine.output(i).finished for i in ids):
+    while not all(engine.finished(i) for i in ids):
         engine.step()
         steps += 1
         most = max(most, engine.stats().running)

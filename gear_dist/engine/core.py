@@ -94,7 +94,7 @@ class EngineCore:
                     self.scheduler.finish(req, "stop")
                     return
             req.text = text
-        if len(req.output_ids) >= p.max_tokens or len(req.all_ids) >= self.scheduler.max_model_len:
+        if len(req.output_ids) >= p.max_tokens or req.length >= self.scheduler.max_model_len:
             self.scheduler.finish(req, "length")
 
     def text(self, req: Request) -> str:
@@ -190,12 +190,16 @@ class LLMEngine:
         return RequestOutput(request_id, first.prompt_ids, outs, all(r.finished for r in group),
                              len(first.prompt_ids), sum(len(r.output_ids) for r in group), ttft)
 
+    def finished(self, request_id: str) -> bool:
+        """Whether every sequence of the request has ended (cheap: :meth:`output` detokenizes)."""
+        return all(r.finished for r in self._groups[request_id])
+
     # -- batch ----------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[str | list[int]], params: SamplingParams | None = None) -> list[RequestOutput]:
         """Run ``prompts`` to completion in this thread; outputs in prompt order."""
         ids = [self.add_request(p, params) for p in prompts]
         try:
-            while not all(self.output(i).finished for i in ids):
+            while not all(self.finished(i) for i in ids):
                 self.step()
             return [self.output(i) for i in ids]
         finally:

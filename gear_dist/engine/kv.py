@@ -104,6 +104,16 @@ class KVStore:
         return sum(p.nbytes for p in self.pools) + sum(t.numel() * t.element_size() for t in self.tail_k + self.tail_v)
 
 
+def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.tensor(values)`` on ``device`` without making the host wait: a pageable host-to-GPU
+    copy synchronises the stream, so a step with a few of them per layer runs the CPU and the GPU
+    in turn; staged through pinned memory the copy is queued like a kernel."""
+    t = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class SeqStep:
     """One sequence's part of a step: its tokens [start, end) and the pages it fills."""
@@ -130,11 +140,9 @@ class DecodeBatch:
         full = [s.pages[: s.start // block] for s in seqs]
         width = max(map(len, full))
         padded = [p + [p[0] if p else 0] * (width - len(p)) for p in full]
-        i32 = dict(dtype=torch.int32, device=device)
-        return cls(torch.tensor([s.slot for s in seqs], device=device),
-                   torch.tensor([s.start % block for s in seqs], device=device),
-                   torch.tensor(padded, **i32).reshape(len(seqs), width), torch.tensor([len(p) for p in full], **i32),
-                   width)
+        return cls(to_device([s.slot for s in seqs], device), to_device([s.start % block for s in seqs], device),
+                   to_device(padded, device, torch.int32).reshape(len(seqs), width),
+                   to_device([len(p) for p in full], device, torch.int32), width)
 
 
 class StepLayer(CacheLayerMixin):
@@ -248,7 +256,7 @@ class StepLayer(CacheLayerMixin):
         v_tail = store.tail_v[self.layer][seq.slot, :, :tail]
         if done == 0:
             return k_tail, v_tail
-        ids = torch.tensor(seq.pages[:done], device=store.device)
+        ids = to_device(seq.pages[:done], store.device)
         dense = store.pools[self.layer].read_dense(ids, store.dtype)  # [pages, H, block, d]
         k = dense["key"].transpose(0, 1).reshape(store.heads, -1, store.head_dim)
         v = dense["value"].transpose(0, 1).reshape(store.heads, -1, store.head_dim)
@@ -284,7 +292,7 @@ class StepLayer(CacheLayerMixin):
     def _write_pages(self, k: torch.Tensor, v: torch.Tensor, ids: list[int]) -> None:
         """Blocks ``[pages, H, block, d]`` into page ids: compressed once (kernel on CUDA)."""
         pool, cfg = self.store.pools[self.layer], self.store.compression
-        page_ids = torch.tensor(ids, device=self.store.device)
+        page_ids = to_device(ids, self.store.device)
         if not cfg.compressed:
             pool.write(page_ids, {"key": k, "value": v})
         elif kernels.active(k.device) and kernels.supports_compress(cfg, self.store.block, self.store.head_dim):

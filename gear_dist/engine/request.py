@@ -95,8 +95,18 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, end: int) -> list[int]:
+        """``all_ids[start:end]`` without building ``all_ids``: a decode step reads one token of
+        each of a thousand long sequences."""
+        p = len(self.prompt_ids)
+        return self.prompt_ids[start:min(end, p)] + self.output_ids[max(start - p, 0):max(end - p, 0)]
+
+    @property
     def uncomputed(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids) - self.num_computed
+        return self.length - self.num_computed
 
     @property
     def finished(self) -> bool:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gear_dist.engine.kv import EngineCache, KVStore, SeqStep
+from gear_dist.engine.kv import EngineCache, KVStore, SeqStep, to_device
 from gear_dist.engine.request import SamplingParams, TokenLogprob
 from gear_dist.engine.sampling import sample
 from gear_dist.engine.scheduler import SchedulerOutput
@@ -36,9 +36,9 @@ class StepPlan:
 
     @classmethod
     def of(cls, out: SchedulerOutput, finished: list[str]) -> "StepPlan":
-        prefill = [SeqWork(r.request_id, r.all_ids[s.start: s.end], s, s.end == len(r.all_ids), r.params)
+        prefill = [SeqWork(r.request_id, r.token_slice(s.start, s.end), s, s.end == r.length, r.params)
                    for r, s in out.prefill]
-        decode = [SeqWork(r.request_id, r.all_ids[-1:], s, True, r.params) for r, s in out.decode]
+        decode = [SeqWork(r.request_id, r.token_slice(r.length - 1, r.length), s, True, r.params) for r, s in out.decode]
         return cls(prefill, decode, finished)
 
 
@@ -58,26 +58,26 @@ class Worker:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, seqs: list[SeqStep],
                 keep: torch.Tensor, decode: bool) -> torch.Tensor:
         """Logits at positions ``keep`` of the sequence dim: ``input_ids [B, T]`` -> ``[B, len(keep), V]``."""
-        out = self.model(input_ids=input_ids.to(self.device), position_ids=positions.to(self.device),
-                         past_key_values=EngineCache(self.store, seqs, decode), use_cache=True,
-                         logits_to_keep=keep.to(self.device))
+        out = self.model(input_ids=input_ids, position_ids=positions,
+                         past_key_values=EngineCache(self.store, seqs, decode), use_cache=True, logits_to_keep=keep)
         return out.logits
 
     def execute(self, plan: StepPlan) -> Sampled:
         for rid in plan.finished:
             self.generators.pop(rid, None)
         sampled: Sampled = []
+        dev = self.device
         if plan.prefill:  # every chunk in one row: [1, sum of chunk lengths]
-            ids = torch.tensor([t for w in plan.prefill for t in w.token_ids])[None]
-            positions = torch.cat([torch.arange(w.seq.start, w.seq.end) for w in plan.prefill])[None]
-            ends = torch.tensor([len(w.token_ids) for w in plan.prefill]).cumsum(0) - 1
+            ids = to_device([t for w in plan.prefill for t in w.token_ids], dev)[None]
+            positions = to_device([p for w in plan.prefill for p in range(w.seq.start, w.seq.end)], dev)[None]
+            ends = to_device([len(w.token_ids) for w in plan.prefill], dev).cumsum(0) - 1
             logits = self.forward(ids, positions, [w.seq for w in plan.prefill], ends, decode=False)[0]  # [chunks, V]
             rows = [i for i, w in enumerate(plan.prefill) if w.sample]
             sampled += self._sample(logits[rows], [plan.prefill[i] for i in rows])
         if plan.decode:
-            ids = torch.tensor([w.token_ids for w in plan.decode])
-            positions = torch.tensor([[w.seq.start] for w in plan.decode])
-            logits = self.forward(ids, positions, [w.seq for w in plan.decode], torch.tensor([0]), decode=True)[:, 0]
+            ids = to_device([w.token_ids for w in plan.decode], dev)
+            positions = to_device([[w.seq.start] for w in plan.decode], dev)
+            logits = self.forward(ids, positions, [w.seq for w in plan.decode], to_device([0], dev), decode=True)[:, 0]
             sampled += self._sample(logits, plan.decode)
         return sampled
 
