@@ -14,7 +14,7 @@ full blocks into the pages the scheduler allocated, the rest into the tail.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -127,22 +127,40 @@ class SeqStep:
 
 @dataclass
 class DecodeBatch:
-    """Where a decode step's sequences live, as device tensors built once per step (not per layer)."""
+    """Where a decode step's sequences live, as device tensors built once per step (not per layer),
+    with what the decode kernel reads besides the pages (the same in every layer)."""
 
     rows: torch.Tensor  # [B] tail row
     cols: torch.Tensor  # [B] position of the new token in its tail
     table: torch.Tensor  # [B, width] int32 pages written before this step (padded with a valid id)
     npages: torch.Tensor  # [B] int32
     width: int
+    filled_rows: torch.Tensor | None  # tail rows this step fills (None: none), each compressed into ...
+    filled_pages: torch.Tensor | None  # ... its sequence's newest page
+    _view: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, seqs: list[SeqStep], block: int, device: torch.device) -> "DecodeBatch":
         full = [s.pages[: s.start // block] for s in seqs]
         width = max(map(len, full))
         padded = [p + [p[0] if p else 0] * (width - len(p)) for p in full]
+        filled = [s for s in seqs if s.new_pages]
         return cls(to_device([s.slot for s in seqs], device), to_device([s.start % block for s in seqs], device),
                    to_device(padded, device, torch.int32).reshape(len(seqs), width),
-                   to_device([len(p) for p in full], device, torch.int32), width)
+                   to_device([len(p) for p in full], device, torch.int32), width,
+                   to_device([s.slot for s in filled], device) if filled else None,
+                   to_device([s.pages[-1] for s in filled], device) if filled else None)
+
+    def kernel_view(self, block: int) -> tuple[torch.Tensor, ...]:
+        """(table, page positions, tail lengths, tail positions, valid-from, tail rows) for
+        :class:`PagedKV`; made on the first layer's call and reused by the others."""
+        if self._view is None:
+            b = self.rows.shape[0]
+            table = self.table if self.width else self.table.new_zeros(b, 1)
+            pos = (torch.arange(table.shape[1], dtype=torch.int32, device=table.device) * block).expand(b, -1)
+            self._view = (table, pos.contiguous(), (self.cols + 1).int(), self.npages * block,
+                          torch.zeros_like(self.npages), self.rows.int())  # pos: read with table's strides
+        return self._view
 
 
 class StepLayer(CacheLayerMixin):
@@ -217,11 +235,9 @@ class StepLayer(CacheLayerMixin):
             from gear_dist.kernels.decode_attention import PagedKV, gear_decode_attention
 
             kernels.launches["decode_attention"] += 1
-            pos = (torch.arange(max(bt.width, 1), dtype=torch.int32, device=q.device) * store.block).expand(
-                len(self.seqs), -1).contiguous()  # read with the table's strides
-            table = bt.table if bt.width else bt.table.new_zeros(len(self.seqs), 1)
+            table, pos, tail_len, tail_pos, valid_from, rows = bt.kernel_view(store.block)
             kv = PagedKV([(store.pools[layer], table, pos, bt.npages)], store.tail_k[layer], store.tail_v[layer],
-                         (bt.cols + 1).int(), bt.npages * store.block, torch.zeros_like(bt.npages), bt.rows.int())
+                         tail_len, tail_pos, valid_from, rows)
             return gear_decode_attention(q, kv, scale)
         return self._decode_reference(q, scale)
 
@@ -267,14 +283,13 @@ class StepLayer(CacheLayerMixin):
         """Tail + the step's tokens -> whole blocks into the new pages (compressed once), the rest
         back into the tail."""
         store, layer, n = self.store, self.layer, self.store.block
-        blocks_k, blocks_v, ids = [], [], []
         if self.decode:  # each token is in its tail already
-            for seq in self.seqs:
-                if seq.new_pages:
-                    blocks_k.append(store.tail_k[layer][seq.slot][None])
-                    blocks_v.append(store.tail_v[layer][seq.slot][None])
-                    ids += seq.pages[-1:]
-        for seq, cols in ([] if self.decode else self._segments()):
+            rows = self.batch.filled_rows
+            if rows is not None:
+                self._write_pages(store.tail_k[layer][rows], store.tail_v[layer][rows], self.batch.filled_pages)
+            return
+        blocks_k, blocks_v, ids = [], [], []
+        for seq, cols in self._segments():
             fill = seq.start % n
             k = torch.cat([store.tail_k[layer][seq.slot, :, :fill], self.new_k[0, :, cols]], dim=1)  # [H, fill+T, d]
             v = torch.cat([store.tail_v[layer][seq.slot, :, :fill], self.new_v[0, :, cols]], dim=1)
@@ -287,12 +302,11 @@ class StepLayer(CacheLayerMixin):
             store.tail_k[layer][seq.slot, :, :rest] = k[:, full:]
             store.tail_v[layer][seq.slot, :, :rest] = v[:, full:]
         if ids:
-            self._write_pages(torch.cat(blocks_k), torch.cat(blocks_v), ids)
+            self._write_pages(torch.cat(blocks_k), torch.cat(blocks_v), to_device(ids, store.device))
 
-    def _write_pages(self, k: torch.Tensor, v: torch.Tensor, ids: list[int]) -> None:
+    def _write_pages(self, k: torch.Tensor, v: torch.Tensor, page_ids: torch.Tensor) -> None:
         """Blocks ``[pages, H, block, d]`` into page ids: compressed once (kernel on CUDA)."""
         pool, cfg = self.store.pools[self.layer], self.store.compression
-        page_ids = to_device(ids, self.store.device)
         if not cfg.compressed:
             pool.write(page_ids, {"key": k, "value": v})
         elif kernels.active(k.device) and kernels.supports_compress(cfg, self.store.block, self.store.head_dim):

@@ -106,10 +106,10 @@ def _pages_kernel(
     KC, KS, KZ, KA, KB, KOV, KOI,
     VC, VS, VZ, VA, VB, VOV, VOI,
     TABLE, POS, NPAGES, VALID_FROM, stride_tb,
-    M_OUT, L_OUT, ACC_OUT, split_offset, splits_total,
+    M_OUT, L_OUT, ACC_OUT, split_offset, splits_total, pages_per_split,
     H_KV: tl.constexpr, GQA: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     PAGE: tl.constexpr, G: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr,
-    KO: tl.constexpr, VO: tl.constexpr, PPS: tl.constexpr, TILE: tl.constexpr, PTX: tl.constexpr,
+    KO: tl.constexpr, VO: tl.constexpr, TILE: tl.constexpr, PTX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -151,8 +151,8 @@ def _pages_kernel(
     acc = tl.zeros([M_PAD, D], tl.float32)
 
     npages = tl.load(NPAGES + b)
-    first = split * PPS
-    last = tl.minimum(first + PPS, npages)
+    first = split * pages_per_split
+    last = tl.minimum(first + pages_per_split, npages)
     for p in range(first, last):
         page = tl.load(TABLE + b * stride_tb + p).to(tl.int64)
         pos0 = tl.load(POS + b * stride_tb + p)
@@ -333,11 +333,11 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
                 sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", dummy), sv.get("lowrank_b", dummy),
                 sv.get("outlier_values", dummy), sv.get("outlier_index", dummy),
                 table, pos, npages, kv.valid_from, table.stride(0),
-                m, lsum, acc, offset, splits_total)
+                m, lsum, acc, offset, splits_total, -(-maxp // splits))  # a runtime value: no compile per length
         launch(_pages_kernel, (bsz * h_kv, splits), args,
             H_KV=h_kv, GQA=gqa, M_PAD=max(16, _next_pow2(gqa)), D=d, BITS=spec_k.bits,
             PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(16, _next_pow2(rank)),
-            KO=ko, VO=vo, PPS=-(-maxp // splits), TILE=min(tile_tokens, spec_k.tile[0]),
+            KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]),
             PTX=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg,
         )
         offset += splits
