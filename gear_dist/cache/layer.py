@@ -27,6 +27,7 @@ from gear_dist import kernels
 from gear_dist.cache.pool import PagePool
 from gear_dist.codec import compress
 from gear_dist.config import CompressionConfig
+from gear_dist.transfer import to_device
 
 if TYPE_CHECKING:
     from gear_dist.kernels.decode_attention import PagedKV
@@ -226,7 +227,7 @@ class GearLayer(CacheLayerMixin):
         for name, pool in self.pools.items():
             segs = [s for s in self.segments if s.pool == name]
             table = torch.stack([s.ids for s in segs], 1).int() if segs else torch.zeros(b, 0, dtype=torch.int32, device=dev)
-            pos = torch.tensor([s.start for s in segs], dtype=torch.int32, device=dev).expand(b, len(segs)).contiguous()
+            pos = to_device([s.start for s in segs], dev, torch.int32).expand(b, len(segs)).contiguous()
             pools.append((pool, table, pos, torch.full((b,), len(segs), dtype=torch.int32, device=dev)))
         full = lambda v: torch.full((b,), v, dtype=torch.int32, device=dev)  # noqa: E731
         valid_from = self.valid_from

@@ -18,6 +18,7 @@ import torch
 from gear_dist.codec import GearBlock, GearBlockSpec, decompress
 from gear_dist.codec.spec import KINDS
 from gear_dist.config import CompressionConfig
+from gear_dist.transfer import to_device
 
 
 class PoolFull(RuntimeError):
@@ -132,7 +133,7 @@ class PagePool:
 
     def allocate(self, count: int) -> torch.Tensor:
         """``count`` fresh page ids (int64 on the pool's device), each with one reference."""
-        return torch.tensor(self.alloc.allocate(count), dtype=torch.long, device=self.device)
+        return to_device(self.alloc.allocate(count), self.device, torch.long)
 
     def retain(self, ids: torch.Tensor) -> None:
         self.alloc.retain(ids.flatten().tolist())

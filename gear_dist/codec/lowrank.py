@@ -9,6 +9,8 @@ small batched QR (DESIGN §3, 67 ms per layer-block).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -33,8 +35,11 @@ def orthonormalize(q: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
     return torch.stack(cols, dim=-1)
 
 
+@functools.lru_cache(maxsize=64)
 def init_basis(d: int, rank: int, seed: int, device: torch.device) -> torch.Tensor:
-    """Seeded Gaussian start ``[d, r]``, drawn on the CPU so every device starts identically."""
+    """Seeded Gaussian start ``[d, r]``, drawn on the CPU so every device starts identically;
+    made once per shape and device (a host copy per block would wait for the GPU). Read-only:
+    callers share it."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(d, rank, generator=gen).to(device)
 

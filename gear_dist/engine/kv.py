@@ -23,6 +23,7 @@ from gear_dist import kernels
 from gear_dist.cache.pool import PageAllocator, PagePool
 from gear_dist.codec import compress
 from gear_dist.config import CompressionConfig, EngineConfig
+from gear_dist.transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -102,16 +103,6 @@ class KVStore:
     def nbytes(self) -> int:
         """Bytes the store really holds: every pool's pages plus the fp16 tails."""
         return sum(p.nbytes for p in self.pools) + sum(t.numel() * t.element_size() for t in self.tail_k + self.tail_v)
-
-
-def to_device(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``torch.tensor(values)`` on ``device`` without making the host wait: a pageable host-to-GPU
-    copy synchronises the stream, so a step with a few of them per layer runs the CPU and the GPU
-    in turn; staged through pinned memory the copy is queued like a kernel."""
-    t = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass

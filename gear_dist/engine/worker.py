@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gear_dist.engine.kv import EngineCache, KVStore, SeqStep, to_device
+from gear_dist.engine.kv import EngineCache, KVStore, SeqStep
 from gear_dist.engine.request import SamplingParams, TokenLogprob
 from gear_dist.engine.sampling import sample
 from gear_dist.engine.scheduler import SchedulerOutput
+from gear_dist.transfer import to_device
 
 
 @dataclass

@@ -14,7 +14,6 @@ with a few vector ops per column.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import TYPE_CHECKING
 
@@ -193,16 +192,6 @@ def _compress_kernel(
                 tl.store(OV + ph * (N * KO) + offs_t * KO + j, corr.to(tl.float16))
 
 
-@functools.lru_cache(maxsize=32)
-def _start_basis(d: int, cols: int, m_pad: int, seed: int, device: torch.device) -> torch.Tensor:
-    """The seeded start ``[d, m_pad]`` (``cols`` columns, zero-padded), made once per shape and
-    device: building it per call copies from the host, and that copy waits for the GPU."""
-    p0 = torch.zeros(d, m_pad, device=device, dtype=torch.float32)
-    if cols:
-        p0[:, :cols] = init_basis(d, cols, seed, device)
-    return p0
-
-
 def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
@@ -225,7 +214,9 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
         x = x.contiguous()
     cols = min(spec.rank + cfg.oversample, n, d)
     m_pad = max(16, _next_pow2(cols))
-    p0 = _start_basis(d, cols if spec.rank else 0, m_pad, cfg.seed, x.device)
+    p0 = torch.zeros(d, m_pad, device=x.device, dtype=torch.float32)
+    if spec.rank:
+        p0[:, :cols] = init_basis(d, cols, cfg.seed, x.device)
     parts = pool.storage[kind]
     dummy = parts["codes"]
     valid_t = valid.to(torch.int8).contiguous() if valid is not None else dummy
