@@ -63,8 +63,9 @@ def _planes(words, BITS: tl.constexpr, LAST_AXIS_KEPT: tl.constexpr):
 
 @triton.jit
 def _tile(ptr, tok, BITS: tl.constexpr, D: tl.constexpr, ALONG_TOKENS: tl.constexpr):
-    """Rows ``tok`` of a planar-packed [tokens, D*BITS/8] page as an fp16 [len(tok), D] tile whose
-    columns hold the channels :func:`_order` names, ``bias + code * step``.
+    """Rows ``tok`` of a planar-packed [tokens, D*BITS/8] page as an fp16 tile, ``[len(tok), D]``
+    (or ``[D, len(tok)]`` with ``ALONG_TOKENS``), whose channel axis is in the order
+    :func:`_order` names and whose entries are ``bias + code * step``.
 
     For BITS in {2, 4, 8} rows are read as int32 words and unpacked by :func:`_planes`; the two
     numbers one integer op makes stay in their register, and the tile is arranged around them
@@ -104,7 +105,7 @@ def _tile(ptr, tok, BITS: tl.constexpr, D: tl.constexpr, ALONG_TOKENS: tl.conste
 
 @triton.jit
 def _order(BITS: tl.constexpr, D: tl.constexpr, ALONG_TOKENS: tl.constexpr):
-    """For each column of a :func:`_tile`: its channel, and ``bias, step`` with
+    """For each place along a :func:`_tile`'s channel axis: its channel, and ``bias, step`` with
     ``tile = bias + code * step``."""
     col = tl.arange(0, D)
     if BITS == 3:
