@@ -17,8 +17,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.float16 if DEVICE == "cuda" else torch.float32
 SMALL = dict(block_size=32, prefill_block_size=64, group_size=32)
 CONFIGS = [("kivi", {}), ("gear_l", {}), ("gear", {}), ("gear", dict(bits=3)), ("gear", dict(bits=4)),
-           ("gear", dict(bits=8, outlier_ratio=0.1, rank=4))]
-IDS = [f"{n}-{o.get('bits', 2)}" for n, o in CONFIGS]
+           ("gear", dict(bits=8, outlier_ratio=0.1, rank=4)), ("gear", dict(group_size=16))]
+IDS = [f"{n}-{o.get('bits', 2)}" + (f"-g{o['group_size']}" if "group_size" in o else "") for n, o in CONFIGS]
 ATTN_TOL = 3e-3  # the decode kernel multiplies in fp16 on the tensor cores whatever the input dtype
 
 
@@ -40,7 +40,7 @@ def _filled_layer(cfg, batch, heads, tokens, d, pad):
 
 @pytest.mark.parametrize("name, overrides", CONFIGS, ids=IDS)
 def test_decode_attention_matches_reference(seed, name, overrides):
-    cfg = CompressionConfig.preset(name, **SMALL, **overrides)
+    cfg = CompressionConfig.preset(name, **{**SMALL, **overrides})
     layer = _filled_layer(cfg, batch=3, heads=2, tokens=150, d=64, pad=[0, 37, 70])  # GQA 4, two pools, tail
     kv = layer.paged()
     assert [int(n[0]) for _, _, _, n in kv.pools] == [2, 0] and int(kv.tail_len[0]) == 22
@@ -99,7 +99,7 @@ def test_variable_lengths_per_sequence(seed):
 @pytest.mark.parametrize("name, overrides", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("kind", ["key", "value"])
 def test_compress_kernel_matches_codec(seed, name, overrides, kind):
-    cfg = CompressionConfig.preset(name, **SMALL, **overrides)
+    cfg = CompressionConfig.preset(name, **{**SMALL, **overrides})
     x = synthetic_kv(3, 2, tokens=32, head_dim=64, kind=kind).to(DEVICE, DTYPE)
     valid = torch.ones(3, 32, dtype=torch.bool, device=DEVICE)
     valid[1, :9] = False
@@ -209,10 +209,10 @@ def test_engine_takes_the_kernel_path_with_the_same_tokens():
     assert agree > 0.95
 
 
-def test_decode_kernel_takes_only_groups_in_its_column_order():
-    """A value group must span whole runs of the kernel's column order; other configs fall back."""
-    ok = CompressionConfig.preset("gear", block_size=32, prefill_block_size=32, group_size=32)
-    interleaved = CompressionConfig.preset("gear", block_size=32, prefill_block_size=32, group_size=16)
-    assert kernels.supports(ok, 32, 64) and not kernels.supports(interleaved, 32, 64)
-    assert kernels.supports(interleaved.replace(bits=3), 32, 64)  # 3-bit codes keep the channel order
-    assert kernels.supports_compress(interleaved, 32, 64)
+def test_decode_kernel_takes_value_groups_of_any_width():
+    """Rows of p carry the value groups, so groups narrower than a run of the tile's columns
+    (16 channels at d=64, 2 bits) take the kernel path too; other backbones still fall back."""
+    narrow = CompressionConfig.preset("gear", block_size=32, prefill_block_size=32, group_size=16)
+    assert kernels.supports(narrow, 32, 64) and kernels.supports(narrow.replace(bits=3), 32, 64)
+    assert kernels.supports_compress(narrow, 32, 64)
+    assert not kernels.supports(narrow.replace(backbone="kcvt"), 32, 64)

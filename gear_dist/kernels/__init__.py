@@ -69,10 +69,9 @@ def _pages(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
 
 
 def supports(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
-    """Pages the decode kernel reads: value groups must be whole runs of its column order (a
-    group spans a byte's code planes: ``group_size`` a multiple of head_dim / bits, e.g. 64 at
-    2 bits and d=128); 3-bit codes keep the channel order."""
-    return _pages(config, tokens, head_dim) and (config.bits == 3 or config.group_size % (head_dim // config.bits) == 0)
+    """Pages the decode kernel reads: every page format of :func:`_pages` (value groups of any
+    width: each row of p carries one group, so a group need not be a run of the tile's columns)."""
+    return _pages(config, tokens, head_dim)
 
 
 MAX_COMPRESS_ELEMENTS = 64 * 128  # one block in registers; larger blocks (prefill pages) use torch

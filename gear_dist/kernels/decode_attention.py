@@ -10,7 +10,8 @@ Flash-decoding (Dao et al., 2023) with split-K over pages, per tile of ``TILE`` 
   group; the value tile is transposed, ``[D, tokens]`` against ``p``, and is never dequantized:
   each row of ``p`` is a (query head, value group) pair scaled by that group's per-token scale
   (the rows that padding to 16 would waste carry the groups), minima and the codes' offset are
-  per-row sums, and a column keeps its own group's row at the end;
+  per-row sums (``sum p`` and ``p . vz`` on the tensor cores too, as rows of a small matrix against
+  ``p``), and a column keeps its own group's row at the end;
 - L: ``q.B_k`` is formed once per page, ``A_v^T p`` is accumulated over the page's tiles and
   expanded through ``B_v`` at the page's end (factors padded to 16 columns: tensor-core dots);
 - S: outlier rows have a fixed length, so the row of each stored entry is known from its slot;
@@ -155,7 +156,7 @@ def _pages_kernel(
     M_OUT, L_OUT, ACC_OUT, split_offset, splits_total, pages_per_split,
     H_KV: tl.constexpr, GQA: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
     PAGE: tl.constexpr, G: tl.constexpr, RANK: tl.constexpr, R_PAD: tl.constexpr,
-    KO: tl.constexpr, VO: tl.constexpr, TILE: tl.constexpr, PTX: tl.constexpr,
+    KO: tl.constexpr, VO: tl.constexpr, TILE: tl.constexpr, E_PAD: tl.constexpr, PTX: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -195,13 +196,14 @@ def _pages_kernel(
     w_scale = top / step_k
     # Values: v = code * vs + vz per token and group, tile = bias + code * step per column, so
     #   p.v = ((p * vs) . tile - bias * sum(p * vs)) / step + p . vz
-    # the tile goes to the tensor cores as it is; the three sums are accumulated per row.
+    # the tile goes to the tensor cores as it is, and so do sum p and p . vz (rows of a small
+    # per-token matrix against p), saving two reductions across warps per tile.
     step_v16 = step_v.to(f16)
+    erow = tl.arange(0, E_PAD)[:, None]  # rows g < NG: the group's minima; row NG: ones
 
     m_i = tl.full([M_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([M_PAD], tl.float32)
+    sums_p = tl.zeros([E_PAD, M_PAD], tl.float32)  # vz^T . p (rows < NG) and sum p (row NG)
     ps = tl.zeros([M_PAD], tl.float32)  # sum of p * vs (in fp16, as the product saw it)
-    pz = tl.zeros([M_PAD], tl.float32)  # p . vz
     acc = tl.zeros([D, M_PAD], tl.float32)  # tile^T . (p * vs) (+ low-rank and outlier parts, times step)
 
     npages = tl.load(NPAGES + b)
@@ -253,21 +255,20 @@ def _pages_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
             prob = tl.exp(s - m_safe[None, :])
-            l_i = l_i * alpha + tl.sum(prob, axis=0)
             m_i = m_new
             # -- p.V of this tile
             vs_tile = tl.reshape(_pick(tl.reshape(vs_page.to(tl.float32), (PAGE // TILE, TILE * NG)), i, 0), (TILE, NG))
             vz_tile = tl.reshape(_pick(tl.reshape(vz_page.to(tl.float32), (PAGE // TILE, TILE * NG)), i, 0), (TILE, NG))
             vs = tl.zeros([TILE, M_PAD], tl.float32)  # [TILE, M]: each row's group
-            vz = tl.zeros([TILE, M_PAD], tl.float32)
+            vz = tl.where(erow >= NG, 1.0, 0.0).to(f16) + tl.zeros([E_PAD, TILE], f16)  # [E, TILE]
             for gv in tl.static_range(NG):
                 vs = tl.where(grp[None, :] == gv, _pick(vs_tile, gv, 1)[:, None], vs)
-                vz = tl.where(grp[None, :] == gv, _pick(vz_tile, gv, 1)[:, None], vz)
+                vz = tl.where(erow == gv, _pick(vz_tile, gv, 1).to(f16)[None, :], vz)
             pv = (prob * vs).to(f16)
-            ps = ps * alpha + tl.sum(pv.to(tl.float32), axis=0)
-            pz = pz * alpha + tl.sum(prob * vz, axis=0)
-            acc = tl.dot(_tile(VC + ph * CODES, tok, BITS, D, True), pv, acc * alpha[None, :])
             pd = prob.to(f16)
+            acc = tl.dot(_tile(VC + ph * CODES, tok, BITS, D, True), pv, acc * alpha[None, :])
+            ps = ps * alpha + tl.sum(pv.to(tl.float32), axis=0)
+            sums_p = tl.dot(vz, pd, sums_p * alpha[None, :])
             if VO > 0:  # row t of the tile holds VO entries whose index is the channel: add them densely
                 sv = tl.zeros([D, TILE], f16)
                 for j in tl.static_range(VO):
@@ -282,6 +283,8 @@ def _pages_kernel(
             acc = tl.dot(bv, pa.to(f16), acc)
 
     # each output channel keeps the row of its own value group; a query head's NG rows then sum to its output
+    l_i = _pick(sums_p, NG, 0)
+    pz = tl.sum(tl.where(erow == grp[None, :], sums_p, 0.0), axis=0)
     o = (acc - bias_v * ps[None, :]) / step_v[:, None] + pz[None, :]
     o = tl.where((chan_v // G)[:, None] == grp[None, :], o, 0.0)
     o = tl.sum(tl.reshape(o, (D, M_PAD // NG, NG)), axis=2)
@@ -419,7 +422,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         launch(_pages_kernel, (bsz * h_kv, splits), args,
             H_KV=h_kv, GQA=gqa, M_PAD=max(16, _next_pow2(gqa * d // spec_v.tile[1])), D=d, BITS=spec_k.bits,
             PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(16, _next_pow2(rank)),
-            KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]),
+            KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]), E_PAD=max(16, _next_pow2(d // spec_v.tile[1] + 1)),
             PTX=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps,
             num_stages=num_stages if num_stages is not None else (1 if ko or vo else None), maxnreg=maxnreg,
         )
