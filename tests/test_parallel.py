@@ -14,6 +14,7 @@ from gear_dist.engine.build import build_engine
 from gear_dist.engine.core import EngineError
 from gear_dist.models import random_config
 from gear_dist.parallel import check_divisible
+from gear_dist.parallel.rank import shm_segment
 
 pytestmark = pytest.mark.slow
 PAGES = dict(block_size=16, prefill_block_size=16, group_size=16)
@@ -55,6 +56,9 @@ def test_tp2_equals_one_process(local_ray, tiny_dir, comp):
     single = build_engine(config(tiny_dir, 1, comp)).generate(PROMPTS, GREEDY)
     sharded_engine = build_engine(config(tiny_dir, 2, comp))
     try:
+        # the ranks dropped the names of DeepSpeed's shared-memory segments (nothing left in
+        # /dev/shm once they exit), and the all-reduce through them still works below
+        assert not any(shm_segment(r, sharded_engine.core.worker.port).exists() for r in range(2))
         assert_same_outputs(single, sharded_engine.generate(PROMPTS, GREEDY))
     finally:
         sharded_engine.core.worker.shutdown()

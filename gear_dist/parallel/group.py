@@ -71,7 +71,7 @@ class ShardGroup:
         bundle = {"GPU": 1, "CPU": 1} if self.use_gpu else {"CPU": 1}
         self.pg = placement_group([bundle] * self.tp, strategy="STRICT_PACK")
         ray.get(self.pg.ready(), timeout=self.start_timeout_s)
-        port = _free_port()
+        self.port = port = _free_port()
         actor_cls = ray.remote(RankWorker)
         self.actors = [
             actor_cls.options(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -76,6 +77,12 @@ def load_sharded(model_cfg: ModelConfig, tp: int, device: torch.device):
     return model.eval()
 
 
+def shm_segment(rank: int, port: int) -> Path:
+    """The shared-memory segment DeepSpeed's CPU all-reduce maps for ``rank`` of the group that
+    meets at 127.0.0.1:``port`` (its naming, deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_{rank}")
+
+
 class RankWorker:
     """The body of a rank actor (gear_dist.parallel.group wraps it in ``ray.remote``)."""
 
@@ -95,6 +102,12 @@ class RankWorker:
         from gear_dist.cache import use_gear_attention
 
         self.model = load_sharded(model_cfg, world, self.device)
+        if not use_gpu:
+            # DeepSpeed never unlinks its 64 MiB segment per rank, and killed ranks cannot: each group
+            # would stay in /dev/shm. Once every rank has mapped every segment (DeepSpeed's init, then
+            # this barrier) the name is not needed; the memory goes when the ranks exit.
+            torch.distributed.barrier()
+            shm_segment(rank, port).unlink(missing_ok=True)
         use_gear_attention(self.model)
         self.compression, self.engine_cfg = compression, engine_cfg
         self.dtype = next(self.model.parameters()).dtype
