@@ -60,18 +60,13 @@ def _pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _pages(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
-    """Page formats both kernels take: the KIVI backbone, power-of-two page and head sizes,
-    heads of at least 32 channels (the decode kernel reads a packed row as int32 words)."""
+def supports(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
+    """Page formats the kernels take: the KIVI backbone, power-of-two page, head and group sizes,
+    heads of at least 32 channels (the decode kernel reads a packed row as int32 words). Value
+    groups may be of any width: each row of the decode kernel's p carries one group."""
     return (config.compressed and config.backbone == "kivi" and _pow2(tokens) and _pow2(head_dim)
             and _pow2(config.group_size) and head_dim >= 32 and tokens % config.group_size == 0
             and head_dim % config.group_size == 0)
-
-
-def supports(config: CompressionConfig, tokens: int, head_dim: int) -> bool:
-    """Pages the decode kernel reads: every page format of :func:`_pages` (value groups of any
-    width: each row of p carries one group, so a group need not be a run of the tile's columns)."""
-    return _pages(config, tokens, head_dim)
 
 
 MAX_COMPRESS_ELEMENTS = 64 * 128  # one block in registers; larger blocks (prefill pages) use torch
@@ -82,4 +77,4 @@ def supports_compress(config: CompressionConfig, tokens: int, head_dim: int) -> 
 
     NOTE: a 256 x 128 prefill page needs ~390 KB of shared memory for its dots and reductions,
     over the H100's 227 KB; those pages go through the torch codec on the GPU instead."""
-    return _pages(config, tokens, head_dim) and tokens * head_dim <= MAX_COMPRESS_ELEMENTS
+    return supports(config, tokens, head_dim) and tokens * head_dim <= MAX_COMPRESS_ELEMENTS

@@ -214,6 +214,7 @@ def _pages_kernel(
     # memory latency per page for every program.
     kstat = tl.arange(0, PAGE // G)[:, None] * D + chan_k[None, :]  # [groups of the page, D]
     vstat = tl.arange(0, PAGE)[:, None] * NG + tl.arange(0, NG)[None, :]  # [PAGE, NG]
+    per_tile: tl.constexpr = (PAGE // TILE, TILE * NG)  # the page's value statistics, a row per tile
     ph_next = tl.load(TABLE + b * stride_tb + first, mask=first < last, other=0).to(tl.int64) * H_KV + h
     ks_next, kz_next = tl.load(KS + ph_next * KSTAT + kstat), tl.load(KZ + ph_next * KSTAT + kstat)
     vs_next, vz_next = tl.load(VS + ph_next * VSTAT + vstat), tl.load(VZ + ph_next * VSTAT + vstat)
@@ -257,8 +258,9 @@ def _pages_kernel(
             prob = tl.exp(s - m_safe[None, :])
             m_i = m_new
             # -- p.V of this tile
-            vs_tile = tl.reshape(_pick(tl.reshape(vs_page.to(tl.float32), (PAGE // TILE, TILE * NG)), i, 0), (TILE, NG))
-            vz_tile = tl.reshape(_pick(tl.reshape(vz_page.to(tl.float32), (PAGE // TILE, TILE * NG)), i, 0), (TILE, NG))
+            # this tile's rows of the page's per-token scales and minima ([TILE, NG])
+            vs_tile = tl.reshape(_pick(tl.reshape(vs_page.to(tl.float32), per_tile), i, 0), (TILE, NG))
+            vz_tile = tl.reshape(_pick(tl.reshape(vz_page.to(tl.float32), per_tile), i, 0), (TILE, NG))
             vs = tl.zeros([TILE, M_PAD], tl.float32)  # [TILE, M]: each row's group
             vz = tl.where(erow >= NG, 1.0, 0.0).to(f16) + tl.zeros([E_PAD, TILE], f16)  # [E, TILE]
             for gv in tl.static_range(NG):
@@ -406,6 +408,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
     offset = 0
     for pool, table, pos, npages, splits, maxp in plans:
         spec_k, spec_v = pool.specs["key"], pool.specs["value"]
+        ng = d // spec_v.tile[1]  # value groups per token: rows of p per query head
         if spec_k.tile[1] != 1 or spec_v.tile[0] != 1 or spec_k.tile[0] != spec_v.tile[1]:
             raise ValueError("gear_decode_attention needs the KIVI backbone (keys per channel, values per token)")
         sk, sv = pool.storage["key"], pool.storage["value"]
@@ -420,9 +423,9 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
                 table, pos, npages, kv.valid_from, table.stride(0),
                 m, lsum, acc, offset, splits_total, -(-maxp // splits))  # a runtime value: no compile per length
         launch(_pages_kernel, (bsz * h_kv, splits), args,
-            H_KV=h_kv, GQA=gqa, M_PAD=max(16, _next_pow2(gqa * d // spec_v.tile[1])), D=d, BITS=spec_k.bits,
+            H_KV=h_kv, GQA=gqa, M_PAD=max(16, _next_pow2(gqa * ng)), D=d, BITS=spec_k.bits,
             PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(16, _next_pow2(rank)),
-            KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]), E_PAD=max(16, _next_pow2(d // spec_v.tile[1] + 1)),
+            KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]), E_PAD=max(16, _next_pow2(ng + 1)),
             PTX=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps,
             num_stages=num_stages if num_stages is not None else (1 if ko or vo else None), maxnreg=maxnreg,
         )
