@@ -216,3 +216,37 @@ def test_decode_kernel_takes_value_groups_of_any_width():
     assert kernels.supports(narrow, 32, 64) and kernels.supports(narrow.replace(bits=3), 32, 64)
     assert kernels.supports_compress(narrow, 32, 64)
     assert not kernels.supports(narrow.replace(backbone="kcvt"), 32, 64)
+
+
+def test_launch_key_tells_apart_what_triton_compiles_for():
+    """Launches reuse a compiled kernel under this key, so it must separate every argument property
+    Triton specialises on: a tensor's dtype and 16-byte alignment, an int's being 1, a multiple of
+    16, or beyond 32 bits."""
+    from gear_dist.kernels.launch import specialization
+
+    x = torch.zeros(64, dtype=torch.float16)
+    assert specialization((x,)) != specialization((x[1:],))  # 2 bytes off
+    assert specialization((x,)) == specialization((x[8:],))  # 16 bytes off: the same code is valid
+    assert specialization((x,)) != specialization((torch.zeros(64, dtype=torch.bfloat16),))
+    keys = specialization((1, 2, 16, 17, 2**31, True, 1.0))
+    assert len(set(keys)) == 6 and keys[1] == keys[3]  # 2 and 17: neither 1 nor a multiple of 16
+    assert keys[5] != keys[0] and keys[6] != keys[0]  # a bool or a float is not the int 1
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels are kept only on CUDA (the interpreter has none)")
+def test_repeated_launches_reuse_the_compiled_kernel(seed):
+    """The second call of the same shapes launches the kept kernels directly, with the same output;
+    a misaligned query (another specialisation) gets its own entry and is still right."""
+    from gear_dist.kernels import launch as launch_mod
+
+    cfg = CompressionConfig.preset("gear_l", **SMALL)
+    layer = _filled_layer(cfg, batch=2, heads=2, tokens=150, d=64, pad=[0, 9])
+    kv = layer.paged()
+    q = torch.randn(2, 8, 64, device=DEVICE, dtype=DTYPE)
+    first = gear_decode_attention(q, kv, 0.125)
+    kept = dict(launch_mod._ready)
+    assert torch.equal(gear_decode_attention(q, kv, 0.125), first) and launch_mod._ready == kept
+    shifted = torch.empty(2 * 8 * 64 + 1, device=DEVICE, dtype=DTYPE)[1:].view(2, 8, 64)  # 2 bytes off
+    shifted.copy_(q)
+    assert _rel(gear_decode_attention(shifted, kv, 0.125), first) < 1e-6
+    assert len(launch_mod._ready) > len(kept)

@@ -14,6 +14,7 @@ with a few vector ops per column.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import TYPE_CHECKING
 
@@ -196,6 +197,15 @@ def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
+@functools.lru_cache(maxsize=64)
+def _start(d: int, cols: int, m_pad: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The power iteration's seeded start, zero-padded to ``m_pad`` columns: made once per shape
+    (read-only; a fresh one per call was two more host operations per launch)."""
+    p0 = torch.zeros(d, m_pad, device=device, dtype=torch.float32)
+    p0[:, :cols] = init_basis(d, cols, seed, device)
+    return p0
+
+
 def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.Tensor,
                        valid: torch.Tensor | None = None) -> None:
     """Compress ``x [blocks, H, N, D]`` (keys or values) into ``pool``'s pages ``ids [blocks]``.
@@ -214,9 +224,7 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
         x = x.contiguous()
     cols = min(spec.rank + cfg.oversample, n, d)
     m_pad = max(16, _next_pow2(cols))
-    p0 = torch.zeros(d, m_pad, device=x.device, dtype=torch.float32)
-    if spec.rank:
-        p0[:, :cols] = init_basis(d, cols, cfg.seed, x.device)
+    p0 = _start(d, cols if spec.rank else 0, m_pad, cfg.seed, x.device)
     parts = pool.storage[kind]
     dummy = parts["codes"]
     valid_t = valid.to(torch.int8).contiguous() if valid is not None else dummy

@@ -27,6 +27,7 @@ File order as Triton's fused-attention tutorial: helpers, kernels, launcher, tor
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -149,7 +150,7 @@ def _hit(a, b, PTX: tl.constexpr):
 # run-time values that vary from call to call: no specialisation (and recompile) when one is 1
 @triton.jit(do_not_specialize=["split_offset", "splits_total", "pages_per_split"])
 def _pages_kernel(
-    Q, stride_qb, stride_qh,
+    Q, stride_qb, stride_qh, scale,
     KC, KS, KZ, KA, KB, KOV, KOI,
     VC, VS, VZ, VA, VB, VOV, VOI,
     TABLE, POS, NPAGES, VALID_FROM, stride_tb,
@@ -186,7 +187,7 @@ def _pages_kernel(
     chan_k, bias_k, step_k = _order(BITS, D, False)
     chan_v, bias_v, step_v = _order(BITS, D, True)
     q_ptrs = Q + b * stride_qb + (h * GQA + rows // NG)[:, None] * stride_qh + chan_k[None, :]
-    q16 = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(f16)  # [M, D], pre-scaled by the softmax scale
+    q16 = (tl.load(q_ptrs, mask=row_ok[:, None], other=0.0).to(tl.float32) * scale).to(f16)  # [M, D], softmax-scaled
     qt16 = tl.trans(q16)  # [D, M]
     valid_from = tl.load(VALID_FROM + b)
     # Keys: k = code * ks + kz and tile = bias + code * step, so
@@ -302,19 +303,22 @@ def _pages_kernel(
 
 @triton.jit
 def _combine_kernel(
-    Q, stride_qb, stride_qh, M_IN, L_IN, ACC_IN, splits_total,
+    Q, stride_qb, stride_qh, scale, M_IN, L_IN, ACC_IN, splits_total,
     TK, TV, stride_tb, stride_th, TAIL_ROW, TAIL_LEN, TAIL_POS, VALID_FROM, OUT,
     H_Q: tl.constexpr, GQA: tl.constexpr, D: tl.constexpr, S_BLOCK: tl.constexpr, T_PAD: tl.constexpr,
+    ROW_TABLE: tl.constexpr,
 ):
-    """Merge the split partials (S_BLOCK at a time) with the fp16 tail, normalise, write [B, H_Q, D]."""
+    """Merge the split partials (S_BLOCK at a time) with the fp16 tail, normalise, write [B, H_Q, D].
+    Sequence b's tail is row ``TAIL_ROW[b]`` of TK / TV with ``ROW_TABLE``, else row b."""
     b = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // GQA
     offs_d = tl.arange(0, D)
-    q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_d).to(tl.float32)
+    q = tl.load(Q + b * stride_qb + hq * stride_qh + offs_d).to(tl.float32) * scale
     offs_t = tl.arange(0, T_PAD)
     t_ok = (offs_t < tl.load(TAIL_LEN + b)) & (tl.load(TAIL_POS + b) + offs_t >= tl.load(VALID_FROM + b))
-    tail = tl.load(TAIL_ROW + b).to(tl.int64) * stride_tb + h * stride_th + offs_t[:, None] * D + offs_d[None, :]
+    row = tl.load(TAIL_ROW + b).to(tl.int64) if ROW_TABLE else b.to(tl.int64)
+    tail = row * stride_tb + h * stride_th + offs_t[:, None] * D + offs_d[None, :]
     tk = tl.load(TK + tail, mask=t_ok[:, None], other=0.0).to(tl.float32)
     st = tl.where(t_ok, tl.sum(q[None, :] * tk, axis=1), float("-inf"))
     m_run = tl.max(st, axis=0)
@@ -365,11 +369,15 @@ def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _num_splits(work: int, max_pages: int, device: torch.device, per_sm: int) -> int:
     """Enough (sequence, head, split) programs for ``per_sm`` per SM: a program walks its pages
     one dependent load after another, so latency is hidden by having many of them resident."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(max_pages, -(-per_sm * sms // max(work, 1))))
+    return max(1, min(max_pages, -(-per_sm * _sm_count(device) // max(work, 1))))
 
 
 def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, programs_per_sm: int = 16,
@@ -388,7 +396,9 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
     if hq % h_kv:
         raise ValueError(f"query heads {hq} are not a multiple of KV heads {h_kv}")
     gqa = hq // h_kv
-    qs = (q * scale).contiguous()
+    scale = float(scale)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     plans = []
     for pool, table, pos, npages in kv.pools:
         maxp = table.shape[1]
@@ -398,9 +408,8 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
             raise ValueError("gear_decode_attention: pos and table are read with one stride; make both contiguous")
         plans.append((pool, table, pos, npages, _num_splits(bsz * h_kv, maxp, q.device, programs_per_sm), maxp))
     splits_total = max(1, sum(p[4] for p in plans))
-    m = torch.empty(bsz, hq, splits_total, device=q.device, dtype=torch.float32)
-    lsum = torch.empty_like(m)
-    acc = torch.empty(bsz, hq, splits_total, d, device=q.device, dtype=torch.float32)
+    partials = torch.empty(bsz * hq * splits_total * (d + 2), device=q.device, dtype=torch.float32)  # one allocation
+    m, lsum, acc = partials.split([bsz * hq * splits_total, bsz * hq * splits_total, bsz * hq * splits_total * d])
     if not plans:  # tail only: the combine kernel reads one empty split
         m.fill_(float("-inf"))
         lsum.zero_()
@@ -415,7 +424,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         dummy = sk["codes"]
         ko, vo = 2 * spec_k.outliers_per_side, 2 * spec_v.outliers_per_side
         rank = spec_k.rank
-        args = (qs, qs.stride(0), qs.stride(1),
+        args = (q, q.stride(0), q.stride(1), scale,
                 sk["codes"], sk["scale"], sk["zero"], sk.get("lowrank_a", dummy), sk.get("lowrank_b", dummy),
                 sk.get("outlier_values", dummy), sk.get("outlier_index", dummy),
                 sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", dummy), sv.get("lowrank_b", dummy),
@@ -432,10 +441,11 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         offset += splits
     out = torch.empty_like(q)
     tk, tv = kv.tail_k, kv.tail_v
-    args = (qs, qs.stride(0), qs.stride(1), m, lsum, acc, splits_total,
-            tk, tv, tk.stride(0), tk.stride(1), kv.tail_rows(), kv.tail_len, kv.tail_pos, kv.valid_from, out)
+    rows = kv.tail_row if kv.tail_row is not None else kv.tail_len  # without a row table, not read
+    args = (q, q.stride(0), q.stride(1), scale, m, lsum, acc, splits_total,
+            tk, tv, tk.stride(0), tk.stride(1), rows, kv.tail_len, kv.tail_pos, kv.valid_from, out)
     launch(_combine_kernel, (bsz, hq), args,
-        H_Q=hq, GQA=gqa, D=d, S_BLOCK=16, T_PAD=max(2, _next_pow2(tk.shape[2])),
+        H_Q=hq, GQA=gqa, D=d, S_BLOCK=16, T_PAD=max(2, _next_pow2(tk.shape[2])), ROW_TABLE=kv.tail_row is not None,
         num_warps=4,
     )
     return out
