@@ -126,6 +126,27 @@ def _order(BITS: tl.constexpr, D: tl.constexpr, ALONG_TOKENS: tl.constexpr):
 
 
 @triton.jit
+def _factor(ptr, rows, RANK: tl.constexpr, R_PAD: tl.constexpr):
+    """Rows ``rows`` of a low-rank factor stored ``[.., RANK]``, as ``[len(rows), R_PAD]`` for the
+    tensor cores: each row is read whole (one word for rank 2), then zero columns are interleaved
+    (column j lands at ``j * R_PAD / next_pow2(RANK)``). Both factors of a product are widened
+    alike, so it is unchanged; masked loads of the padded width cost an instruction per element."""
+    R2: tl.constexpr = 1 << (RANK - 1).bit_length() if RANK > 1 else 1
+    n: tl.constexpr = rows.shape[0]
+    r = tl.arange(0, R2)
+    x = tl.load(ptr + rows[:, None] * RANK + r[None, :], mask=(r < RANK)[None, :], other=0.0)
+    if R_PAD // R2 >= 2:
+        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (n, 2 * R2))
+    if R_PAD // R2 >= 4:
+        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (n, 4 * R2))
+    if R_PAD // R2 >= 8:
+        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (n, 8 * R2))
+    if R_PAD // R2 >= 16:
+        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (n, 16 * R2))
+    return x
+
+
+@triton.jit
 def _pick(x, i, AXIS: tl.constexpr):
     """``x`` indexed at ``i`` along ``AXIS`` (register tensors have no dynamic indexing; for a
     length-1 axis this is free)."""
@@ -182,7 +203,6 @@ def _pages_kernel(
     row_ok = rows < GQA * NG
     grp = rows % NG
     offs_t = tl.arange(0, TILE)
-    offs_r = tl.arange(0, R_PAD)
     # the [.., D] tensors of keys / values are in their tile's column order (see _order)
     chan_k, bias_k, step_k = _order(BITS, D, False)
     chan_v, bias_v, step_v = _order(BITS, D, True)
@@ -226,10 +246,9 @@ def _pages_kernel(
         ks_next, kz_next = tl.load(KS + ph_next * KSTAT + kstat), tl.load(KZ + ph_next * KSTAT + kstat)
         vs_next, vz_next = tl.load(VS + ph_next * VSTAT + vstat), tl.load(VZ + ph_next * VSTAT + vstat)
         if RANK > 0:  # factors padded to R_PAD >= 16 columns so every product is a tensor-core dot
-            r_ok = (offs_r < RANK)[None, :]
-            bk = tl.load(KB + ph * LRB + chan_k[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0)
+            bk = _factor(KB + ph * LRB, chan_k, RANK, R_PAD)
             qb_t = tl.trans(tl.dot(q16, bk).to(f16))  # [R, M]
-            bv = tl.load(VB + ph * LRB + chan_v[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0)
+            bv = _factor(VB + ph * LRB, chan_v, RANK, R_PAD)
             bv = bv * step_v16[:, None]  # [D, R], in the tile's scale
             pa = tl.zeros([R_PAD, M_PAD], tl.float32)
         for i in tl.static_range(PAGE // TILE):  # tiles of TILE tokens; key statistics per group of G
@@ -242,7 +261,7 @@ def _pages_kernel(
             k_bias = tl.sum(q16.to(tl.float32) * kz[None, :] - bias_k / top * w.to(tl.float32), axis=1)
             s = tl.dot(_tile(KC + ph * CODES, tok, BITS, D, False), tl.trans(w)) / top + k_bias[None, :]
             if RANK > 0:
-                ak = tl.load(KA + ph * LRA + tok[:, None] * RANK + offs_r[None, :], mask=r_ok, other=0.0)
+                ak = _factor(KA + ph * LRA, tok, RANK, R_PAD)
                 s += tl.dot(ak, qb_t)
             if KO > 0:  # row c of group g holds KO entries: the token is the index, add them densely
                 sk = tl.zeros([TILE, D], f16)
@@ -280,7 +299,7 @@ def _pages_kernel(
                     sv += hit * tl.load(VOV + slot)[None, :]
                 acc = tl.dot(sv * step_v16[:, None], pd, acc)
             if RANK > 0:
-                av = tl.load(VA + ph * LRA + tok[None, :] * RANK + offs_r[:, None], mask=tl.trans(r_ok), other=0.0)
+                av = tl.trans(_factor(VA + ph * LRA, tok, RANK, R_PAD))
                 pa = tl.dot(av, pd, pa * alpha[None, :])
         if RANK > 0:  # the page's low-rank part of p.V: B_v (A_v^T p)
             acc = tl.dot(bv, pa.to(f16), acc)
