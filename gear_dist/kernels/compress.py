@@ -149,13 +149,14 @@ def _compress_kernel(
         steps = tl.math.div_rn(x3 - zf[:, :, None], tl.broadcast_to(sf[:, :, None], (N, DG, G)))
         codes3 = tl.minimum(tl.maximum(tl.floor(steps + 0.5), 0.0), LEVELS)
         dq = tl.reshape(codes3 * sf[:, :, None] + zf[:, :, None], (N, D))
-    codes = tl.reshape(codes3, (N, D)).to(tl.int64)
-
-    # -- planar packing: channel plane i, column j -> bits BITS*i of column j's word
+    # -- planar packing: channel plane i, column j -> bits BITS*i of column j's word (8 planes of
+    #    BITS bits: int32 up to 4 bits, which halves the registers the codes take)
+    WORD: tl.constexpr = tl.int32 if BITS <= 4 else tl.int64
+    codes = tl.reshape(codes3, (N, D)).to(WORD)
     W: tl.constexpr = D // 8
     ROW: tl.constexpr = D * BITS // 8
     planes = tl.reshape(codes, (N, 8, W))
-    word = tl.sum(planes << (BITS * tl.arange(0, 8))[None, :, None].to(tl.int64), axis=1)  # [N, W]
+    word = tl.sum(planes << (BITS * tl.arange(0, 8))[None, :, None].to(WORD), axis=1)  # [N, W]
     for k in range(BITS):
         byte = ((word >> (8 * k)) & 255).to(tl.uint8)
         tl.store(CODES + ph * (N * ROW) + offs_t[:, None] * ROW + k * W + tl.arange(0, W)[None, :], byte)

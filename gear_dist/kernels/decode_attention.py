@@ -405,9 +405,10 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
     """Attention of one query token per sequence, ``q [B, H_q, D]``, over a layer's GEAR
     pages and fp16 tail. Returns ``[B, H_q, D]`` in ``q``'s dtype. The keyword arguments are
     tuning knobs (bench/kernel_bench.py sweeps them); ``tile_tokens`` is capped by the group size.
-    ``num_stages`` None: 1 where outliers are stored (their dense tiles leave no registers for
-    the compiler's deeper pipelining: 0.64 vs 0.89 ms for 2-bit gear at 16 x 16k on the H100),
-    else Triton's default."""
+    ``num_stages`` None: 1 for codes of 4+ bits with outliers (their dense tiles and wider code
+    words leave no registers for the compiler's deeper pipelining: 0.606 vs 0.632 ms for 4-bit
+    gear at 16 x 16k on the H100), else Triton's default (3; 2-bit gear 0.572 vs 0.607 ms with 1,
+    2026-11-23)."""
     bsz, hq, d = q.shape
     h_kv = kv.tail_k.shape[1]
     if num_warps not in (1, 2):  # H100, Triton 3.6: 4 warps gave relative errors of 35-250 and NaN (2026-11-23)
@@ -455,7 +456,8 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
             PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(16, _next_pow2(rank)),
             KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]), E_PAD=max(16, _next_pow2(ng + 1)),
             PTX=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps,
-            num_stages=num_stages if num_stages is not None else (1 if ko or vo else None), maxnreg=maxnreg,
+            num_stages=num_stages if num_stages is not None else (1 if (ko or vo) and spec_k.bits >= 4 else None),
+            maxnreg=maxnreg,
         )
         offset += splits
     out = torch.empty_like(q)
