@@ -132,17 +132,12 @@ def _factor(ptr, rows, RANK: tl.constexpr, R_PAD: tl.constexpr):
     (column j lands at ``j * R_PAD / next_pow2(RANK)``). Both factors of a product are widened
     alike, so it is unchanged; masked loads of the padded width cost an instruction per element."""
     R2: tl.constexpr = 1 << (RANK - 1).bit_length() if RANK > 1 else 1
+    DOUBLINGS: tl.constexpr = (R_PAD // R2).bit_length() - 1
     n: tl.constexpr = rows.shape[0]
     r = tl.arange(0, R2)
     x = tl.load(ptr + rows[:, None] * RANK + r[None, :], mask=(r < RANK)[None, :], other=0.0)
-    if R_PAD // R2 >= 2:
-        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (n, 2 * R2))
-    if R_PAD // R2 >= 4:
-        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (n, 4 * R2))
-    if R_PAD // R2 >= 8:
-        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (n, 8 * R2))
-    if R_PAD // R2 >= 16:
-        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (n, 16 * R2))
+    for _ in tl.static_range(DOUBLINGS):  # unrolled: each pass doubles the width
+        x = tl.reshape(tl.join(x, tl.zeros_like(x)), (n, 2 * x.shape[1]))
     return x
 
 
