@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-RESULT_KINDS = ("codec", "quality", "kernels", "engine", "profile", "serve", "sweep")
+RESULT_KINDS = ("codec", "quality", "kernels", "sass", "engine", "profile", "serve", "sweep")
 _PACKAGES = ("torch", "transformers", "triton", "ray", "deepspeed", "hydra-core", "wandb")
 
 
@@ -34,10 +34,13 @@ def device_name() -> str:
 
 
 def versions() -> dict[str, str]:
+    """Installed versions; for a package already imported, the version of the module in use (a
+    ``PYTHONPATH`` entry can shadow the installed one, as for counting another Triton's code)."""
     out = {"python": platform.python_version()}
     for pkg in _PACKAGES:
+        module = sys.modules.get(pkg.removesuffix("-core"))
         try:
-            out[pkg] = metadata.version(pkg)
+            out[pkg] = getattr(module, "__version__", None) or metadata.version(pkg)
         except metadata.PackageNotFoundError:
             pass
     if torch.cuda.is_available():

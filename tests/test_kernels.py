@@ -1,5 +1,8 @@
 """Triton kernels against their torch references (interpreter on CPU, compiled on CUDA)."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -165,7 +168,7 @@ for name, overrides, dtype in json.loads(sys.argv[1]):
         layer.update(k, k.clone())
         layer.commit(None)
         gear_decode_attention(torch.randn(2, 8, 128, dtype=k.dtype), layer.paged(), 0.1)
-        out[f"{name}-{overrides}-{dtype}"] = compiled[before:]
+        out[f"{name}-{overrides}-{dtype}"] = [kernel.name for kernel in compiled[before:]]
 print(json.dumps(out))
 """
 
@@ -189,6 +192,44 @@ def test_kernels_compile_for_hopper():
     assert len(compiled) == len(variants)
     for names in compiled.values():  # K and V of the prompt's pages, one pages launch (one pool), the merge
         assert names == ["_compress_kernel"] * 2 + ["_pages_kernel"] + ["_combine_kernel"], names
+
+
+def test_sass_report_counts_the_widest_loop():
+    """The report's parsing on a listing shaped like cuobjdump's: predicates stripped, the loop is
+    the span of the widest backward branch (not a short inner one, not a forward branch)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from sass_report import instructions, main_loop
+
+    listing = "\n".join(f"        /*{addr:04x}*/                   {text} ;  /* 0x0 */" for addr, text in [
+        (0x00, "MOV R1, c[0x0][0x28]"), (0x10, "@P0 BRA 0x60"), (0x20, "LOP3.LUT R2, R3, 0x64006400, R4, 0xec, !PT"),
+        (0x30, "HMMA.16816.F32 R8, R4, R6, R8"), (0x40, "@!P1 BRA 0x30"), (0x50, "IADD3 R0, R0, 0x1, RZ"),
+        (0x60, "@P2 BRA 0x20"), (0x70, "EXIT")])
+    code = instructions(listing)
+    assert [op for _, op, _ in code] == ["MOV", "BRA", "LOP3.LUT", "HMMA.16816.F32", "BRA", "IADD3", "BRA", "EXIT"]
+    assert [addr for addr, _, _ in main_loop(code)] == [0x20, 0x30, 0x40, 0x50, 0x60]
+    assert main_loop(code[:2]) == []
+
+
+@pytest.mark.slow
+def test_sass_report_on_the_decode_kernel(tmp_path):
+    """bench/sass_report.py end to end for kivi (compiled here for sm_90): the page loop holds the
+    tensor-core products and the in-register unpacking (LOP3), and nothing spills to local memory."""
+    import json
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "bench" / "sass_report.py"), "--methods", "kivi",
+                          "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=1200, cwd=root)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = json.loads(next(tmp_path.glob("sass-*.json")).read_text())["rows"]
+    assert [r["kernel"] for r in rows] == ["_compress_kernel (keys)", "_compress_kernel (values)", "_pages_kernel",
+                                           "_combine_kernel"]
+    pages = rows[2]
+    assert 0 < pages["loop_instructions"] < pages["instructions"]
+    assert {"HMMA", "LOP3"} <= set(pages["loop_top_ops"])
+    assert all(r["local_bytes"] == 0 for r in rows)
 
 
 def test_engine_takes_the_kernel_path_with_the_same_tokens():

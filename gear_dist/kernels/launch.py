@@ -1,6 +1,8 @@
 """One place where kernels are launched, so that a test can compile every kernel variant for the
 target GPU on a machine without one (``compile_only``): Triton's interpreter checks what a
 kernel computes, this checks that the compiler accepts it (type rules the interpreter skips).
+A compile-only build specialises on the arguments as a launch does (16-byte alignment, ints equal
+to 1), so its machine code (``bench/sass_report.py``) is the code a launch with them would run.
 
 It is also where the host's share of a launch is kept small. ``kernel[grid](...)`` binds and
 specialises every argument and looks the compiled kernel up on each call (about 0.1 ms for the
@@ -19,7 +21,7 @@ import triton
 from triton.compiler import CompiledKernel
 
 _target: contextvars.ContextVar = contextvars.ContextVar("compile_target", default=None)
-compiled: list[str] = []  # names of kernels compiled under compile_only, in order
+compiled: list[CompiledKernel] = []  # kernels compiled under compile_only, in order
 _ready: dict[tuple, tuple] = {}  # launch key -> (compiled kernel, its constexpr values in parameter order)
 
 _TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.uint8: "u8",
@@ -77,10 +79,18 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, num_warps: int = 4, num_s
 
     names = kernel.arg_names
     signature = {n: _type(v) for n, v in zip(names, args)}
-    signature.update({n: "constexpr" for n in meta})
     constexprs = {(names.index(n),): v for n, v in meta.items()}
-    triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target, options=options)
-    compiled.append(kernel.__name__)
+    attrs = {}
+    for i, (param, a) in enumerate(zip(kernel.params, args)):  # what a launch specialises on (see specialization)
+        if param.do_not_specialize:
+            continue
+        if type(a) is int and a == 1:
+            signature[names[i]], constexprs[(i,)] = "constexpr", 1
+        elif isinstance(a, torch.Tensor) and a.data_ptr() % 16 == 0 or type(a) is int and a % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    signature.update({n: "constexpr" for n in meta})
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled.append(triton.compile(source, target=target, options=options))
 
 
 @contextlib.contextmanager
