@@ -423,8 +423,9 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
             raise ValueError("gear_decode_attention: pos and table are read with one stride; make both contiguous")
         plans.append((pool, table, pos, npages, _num_splits(bsz * h_kv, maxp, q.device, programs_per_sm), maxp))
     splits_total = max(1, sum(p[4] for p in plans))
-    partials = torch.empty(bsz * hq * splits_total * (d + 2), device=q.device, dtype=torch.float32)  # one allocation
-    m, lsum, acc = partials.split([bsz * hq * splits_total, bsz * hq * splits_total, bsz * hq * splits_total * d])
+    n = bsz * hq * splits_total  # partial results: one per (sequence, query head, split)
+    partials = torch.empty(n * (d + 2), device=q.device, dtype=torch.float32)  # one allocation
+    m, lsum, acc = partials.split([n, n, n * d])
     if not plans:  # tail only: the combine kernel reads one empty split
         m.fill_(float("-inf"))
         lsum.zero_()
