@@ -19,9 +19,9 @@ import argparse
 import json
 import math
 
-from gear_dist import results
+from kernel_bench import HKV, HQ, D
 
-HQ, HKV, D = 32, 8, 128  # the shapes of bench/kernel_bench.py
+from gear_dist import results
 
 
 def floors(row: dict, config: dict, loop: dict, copy_gbps: float, args: argparse.Namespace) -> dict:
@@ -61,7 +61,8 @@ def main() -> None:
     loops = {r["method"]: r for r in sass["rows"] if r["kernel"] == "_pages_kernel"}
     rows = [floors(r, bench["config"].get(r["method"], {}), loops.get(r["method"], {}), bench["copy_gbps"], args)
             for r in bench["rows"] if r.get("kind_of_row") == "decode"]
-    print(f"{bench['device']} {bench['date']}, copy {bench['copy_gbps']:.0f} GB/s, Triton {sass['versions']['triton']}\n")
+    print(f"{bench['device']} {bench['date']}, copy {bench['copy_gbps']:.0f} GB/s, "
+          f"Triton {sass['versions']['triton']}\n")
     print(results.markdown(rows, ["method", "batch", "context", "bytes", "gflop", "byte_floor_ms", "flop_floor_ms",
                                   "loop_instructions", "issue_ms", "kernel_ms", "kernel_over_floor",
                                   "kernel_over_issue"], digits=3))

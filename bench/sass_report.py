@@ -2,7 +2,7 @@
 of each kernel's main loop, registers, spills. What a kernel's time is made of, before (or
 without) a device call.
 
-    python bench/sass_report.py --out bench/results   # prints a table, writes sass-cpu-<date>-sm90.json
+    python bench/sass_report.py --out bench/results   # a table; sass-cpu-<date>-sm90-triton<version>.json
 
 For each method of ``bench/kernel_bench.py`` (GQA 32q/8kv, d=128, 64-token pages) a cache is built on
 the CPU and one decode step runs under ``launch.compile_only``: every kernel is compiled for the
@@ -107,7 +107,8 @@ def main() -> None:
     rows = [row for method in args.methods for row in report(method, args.arch)]
     result = results.record("sass", rows, arch=f"sm_{args.arch}")
     path = results.write(result, args.out, suffix=f"sm{args.arch}-triton{triton.__version__}")
-    print(f"sm_{args.arch}, Triton {triton.__version__}: instructions a warp issues (loop: one pass of the main loop); registers per thread\n")
+    print(f"sm_{args.arch}, Triton {triton.__version__}: instructions a warp issues (loop: one pass of the main "
+          "loop); registers per thread\n")
     print(results.markdown(rows, ["method", "kernel", "num_warps", "instructions", "loop_instructions", "registers",
                                   "stack_bytes", "local_bytes"]))
     print(f"\nwrote {path}")
