@@ -210,6 +210,7 @@ def _pages_kernel(
     # top = max(step) keeping w clear of fp16 subnormals.
     top = tl.max(step_k, axis=0)
     w_scale = top / step_k
+    neg_bias = tl.full([D, 16], -bias_k / top, f16)  # exact: a power of two
     # Values: v = code * vs + vz per token and group, tile = bias + code * step per column, so
     #   p.v = ((p * vs) . tile - bias * sum(p * vs)) / step + p . vz
     # the tile goes to the tensor cores as it is, and so do sum p and p . vz (rows of a small
@@ -219,7 +220,8 @@ def _pages_kernel(
 
     m_i = tl.full([M_PAD], float("-inf"), tl.float32)
     sums_p = tl.zeros([E_PAD, M_PAD], tl.float32)  # vz^T . p (rows < NG) and sum p (row NG)
-    ps = tl.zeros([M_PAD], tl.float32)  # sum of p * vs (in fp16, as the product saw it)
+    ps = tl.zeros([16, M_PAD], tl.float32)  # sum of p * vs (in fp16, as the product saw it), in every row
+    ones = tl.full([16, TILE], 1.0, f16)
     acc = tl.zeros([D, M_PAD], tl.float32)  # tile^T . (p * vs) (+ low-rank and outlier parts, times step)
 
     npages = tl.load(NPAGES + b)
@@ -253,7 +255,9 @@ def _pages_kernel(
             ks = _pick(ks_page.to(tl.float32), g, 0)
             kz = _pick(kz_page.to(tl.float32), g, 0)
             w = q16 * (ks * w_scale).to(f16)[None, :]  # exact scaling by a power of two, one rounding
-            k_bias = tl.sum(q16.to(tl.float32) * kz[None, :] - bias_k / top * w.to(tl.float32), axis=1)
+            # q.kz - bias / top * sum(w) on the tensor cores: every column of [M, 16] holds it
+            kzm = tl.broadcast_to(kz.to(f16)[:, None], (D, 16))
+            k_bias = tl.max(tl.dot(w, neg_bias, tl.dot(q16, kzm)), axis=1)
             s = tl.dot(_tile(KC + ph * CODES, tok, BITS, D, False), tl.trans(w)) / top + k_bias[None, :]
             if RANK > 0:
                 ak = _factor(KA + ph * LRA, tok, RANK, R_PAD)
@@ -284,7 +288,7 @@ def _pages_kernel(
             pv = (prob * vs).to(f16)
             pd = prob.to(f16)
             acc = tl.dot(_tile(VC + ph * CODES, tok, BITS, D, True), pv, acc * alpha[None, :])
-            ps = ps * alpha + tl.sum(pv.to(tl.float32), axis=0)
+            ps = tl.dot(ones, pv, ps * alpha[None, :])  # on the tensor cores: no reduction across warps
             sums_p = tl.dot(vz, pd, sums_p * alpha[None, :])
             if VO > 0:  # row t of the tile holds VO entries whose index is the channel: add them densely
                 sv = tl.zeros([D, TILE], f16)
@@ -302,7 +306,7 @@ def _pages_kernel(
     # each output channel keeps the row of its own value group; a query head's NG rows then sum to its output
     l_i = _pick(sums_p, NG, 0)
     pz = tl.sum(tl.where(erow == grp[None, :], sums_p, 0.0), axis=0)
-    o = (acc - bias_v * ps[None, :]) / step_v[:, None] + pz[None, :]
+    o = (acc - bias_v * tl.max(ps, axis=0)[None, :]) / step_v[:, None] + pz[None, :]
     o = tl.where((chan_v // G)[:, None] == grp[None, :], o, 0.0)
     o = tl.sum(tl.reshape(o, (D, M_PAD // NG, NG)), axis=2)
     m_o = tl.max(tl.reshape(m_i, (M_PAD // NG, NG)), axis=1)  # equal within a head's rows
