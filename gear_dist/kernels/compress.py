@@ -4,12 +4,12 @@ Computes what ``codec.compress`` computes (its torch reference), for the KIVI ba
 outlier selection by iterated arg-max/arg-min, fp16 statistics with directed rounding, codes
 (floor(x + 0.5)) packed into the planar layout — all identical to the reference — then the low
 rank of the residual by subspace iteration with classical Gram-Schmidt (twice) on
-``r + oversample`` columns and Rayleigh-Ritz by power steps on the small Gram matrix, and last the
-outlier corrections ``X - D - L`` of what is stored (so outliers stay exact). The subspace
-iteration's products run in TF32 on the GPU: the factors are stored in fp16 anyway, the
-decompressed block stays within ~6e-4 of the reference's, and 3xTF32 cost 40% more time (H100,
-2026-11-23). Results are written straight into a page pool, so compressing a layer's new blocks
-is one launch per kind.
+``r + oversample`` columns and Rayleigh-Ritz by power steps on the square of the small Gram
+matrix, and last the outlier corrections ``X - D - L`` of what is stored (so outliers stay
+exact). The subspace iteration's products run in TF32 on the GPU: the factors are stored in
+fp16 anyway, the decompressed block stays within ~6e-4 of the reference's, and 3xTF32 cost 40%
+more time (H100, 2026-11-23). Results are written straight into a page pool, so compressing a
+layer's new blocks is one launch per kind.
 
 Why not torch: cuSOLVER's small batched QR made naive GEAR compression 67 ms per layer-block
 against 0.39 ms of decode attention (DESIGN §3); here the rank-2..8 factors are orthonormalised
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gear_dist.codec.lowrank import RITZ_ITERS, init_basis
+from gear_dist.codec.lowrank import RITZ_STEPS, init_basis
 from gear_dist.kernels.launch import launch
 
 if TYPE_CHECKING:
@@ -36,20 +36,27 @@ if TYPE_CHECKING:
 @triton.jit
 def _orthonormalize(q, M_PAD: tl.constexpr, COLS: tl.constexpr):
     """CGS2 on the first COLS columns of q [rows, M_PAD] (the rest stay as they are, zero);
-    a column that keeps under 1e-5 of its norm becomes zero (as codec.lowrank.orthonormalize)."""
+    a column that keeps under 1e-5 of its norm becomes zero (as codec.lowrank.orthonormalize).
+
+    Each pass takes one reduction over the rows (across warps, for the basis) for the
+    coefficients and the squared norm of the vector it projects, together; the final norm
+    follows by Pythagoras (|v2|^2 = |v1|^2 - |c2|^2: the second pass's coefficients are at
+    rounding level)."""
     cols = tl.arange(0, M_PAD)
     for j in range(COLS):  # runtime loops throughout: unrolling them made compiles take minutes
-        is_j = cols == j
+        is_j = (cols == j)[None, :]
         done = tl.where((cols < j)[None, :], q, 0.0)
-        v = tl.sum(tl.where(is_j[None, :], q, 0.0), axis=1)
-        before = tl.sqrt(tl.sum(v * v, axis=0))
-        for _ in tl.static_range(2):
-            coef = tl.sum(done * v[:, None], axis=0)
-            v = v - tl.sum(done * coef[None, :], axis=1)
-        norm = tl.sqrt(tl.sum(v * v, axis=0))
+        v = tl.sum(tl.where(is_j, q, 0.0), axis=1)
+        c = tl.sum(tl.where(is_j, v[:, None], done) * v[:, None], axis=0)  # coefficients | |v|^2 at j
+        before = tl.sqrt(tl.sum(tl.where(cols == j, c, 0.0), axis=0))
+        v = v - tl.sum(done * tl.where(cols < j, c, 0.0)[None, :], axis=1)
+        c = tl.sum(tl.where(is_j, v[:, None], done) * v[:, None], axis=0)
+        coef = tl.where(cols < j, c, 0.0)
+        v = v - tl.sum(done * coef[None, :], axis=1)
+        norm = tl.sqrt(tl.maximum(tl.sum(tl.where(cols == j, c, 0.0) - coef * coef, axis=0), 0.0))
         keep = (norm > 1e-5 * before) & (norm > 1.1754943508222875e-38)
         v = tl.where(keep, v / tl.maximum(norm, 1.1754943508222875e-38), 0.0)
-        q = tl.where(is_j[None, :], v[:, None], q)
+        q = tl.where(is_j, v[:, None], q)
     return q
 
 
@@ -78,6 +85,7 @@ def _compress_kernel(
     IS_KEY: tl.constexpr, K: tl.constexpr, RANK: tl.constexpr, COLS: tl.constexpr, M_PAD: tl.constexpr,
     ITERS: tl.constexpr, RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
 ):
+    R2: tl.constexpr = 1 << (RANK - 1).bit_length() if RANK > 1 else 1
     blk = tl.program_id(0)
     h = tl.program_id(1)
     page = tl.load(IDS + blk).to(tl.int64)
@@ -172,9 +180,14 @@ def _compress_kernel(
             q = _orthonormalize(tl.dot(e, p, input_precision=PREC), M_PAD, COLS)  # [N, M]
             p = tl.dot(tl.trans(e), q, input_precision=PREC)  # [D, M]
         gram = tl.dot(tl.trans(p), p, input_precision=PREC)  # [M, M]
-        w = tl.where((cols[:, None] == cols[None, :]) & (cols[None, :] < RANK), 1.0, 0.0)
+        square = tl.dot(gram, gram, input_precision="ieee")  # its small eigenvalues need fp32 (codec.lowrank)
+        # the Ritz vectors as [M, R2] (R2 = RANK rounded up to a power of two): a tensor this small
+        # sits whole in every warp, so its products and reductions never cross warps
+        r2 = tl.arange(0, R2)
+        w = tl.where((cols[:, None] == r2[None, :]) & (r2[None, :] < RANK), 1.0, 0.0)
         for _ in range(RITZ):
-            w = _orthonormalize(tl.dot(gram, w, input_precision=PREC), M_PAD, RANK)
+            w = _orthonormalize(tl.sum(square[:, :, None] * w[None, :, :], axis=1), R2, RANK)
+        w = tl.sum(w[:, :, None] * (r2[:, None] == cols[None, :])[None, :, :], axis=1)  # [M, M], zero-padded
         a = tl.dot(q, w, input_precision=PREC).to(tl.float16)  # [N, M], columns >= RANK are zero
         b = tl.dot(p, w, input_precision=PREC).to(tl.float16)  # [D, M]
         rmask = (cols < RANK)[None, :]
@@ -239,6 +252,6 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
             parts.get("outlier_values", dummy), parts.get("outlier_index", dummy))
     launch(_compress_kernel, (nb, h), args,
         H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits, IS_KEY=kind == "key", K=spec.outliers_per_side,
-        RANK=spec.rank, COLS=cols, M_PAD=m_pad, ITERS=cfg.iters, RITZ=RITZ_ITERS, HAS_VALID=valid is not None,
+        RANK=spec.rank, COLS=cols, M_PAD=m_pad, ITERS=cfg.iters, RITZ=RITZ_STEPS, HAS_VALID=valid is not None,
         PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32", num_warps=4,
     )
