@@ -6,9 +6,10 @@ outlier selection by iterated arg-max/arg-min, fp16 statistics with directed rou
 rank of the residual by subspace iteration with classical Gram-Schmidt (twice) on
 ``r + oversample`` columns and Rayleigh-Ritz by power steps on the square of the small Gram
 matrix, and last the outlier corrections ``X - D - L`` of what is stored (so outliers stay
-exact). The subspace iteration's products run in TF32 on the GPU: the factors are stored in
-fp16 anyway, the decompressed block stays within ~6e-4 of the reference's, and 3xTF32 cost 40%
-more time (H100, 2026-11-23). Results are written straight into a page pool, so compressing a
+exact). The subspace iteration multiplies the residual in fp16, scaled by a power of two, with
+fp32 sums (the 10 mantissa bits TF32 keeps; 3xTF32 cost 40% more time), the Gram matrix in TF32:
+the factors are stored in fp16 anyway, and the decompressed block stays within ~1.4e-3 of the
+reference's (H100, 2026-11-23). Results are written straight into a page pool, so compressing a
 layer's new blocks is one launch per kind.
 
 Why not torch: cuSOLVER's small batched QR made naive GEAR compression 67 ms per layer-block
@@ -173,12 +174,18 @@ def _compress_kernel(
     res = x - dq
     if RANK > 0:
         e = tl.where(use, res, 0.0)
+        # the residual in fp16 times a power of two that puts its largest entry at 2^8 (p stays
+        # well inside fp16): TF32's 10 mantissa bits, with half its tensor-core instructions (k16
+        # instead of k8) and operands half the size; p carries the scale until b is stored
+        top = tl.max(tl.max(tl.abs(e), axis=1), axis=0)
+        up = tl.exp2(tl.minimum(8.0 - tl.ceil(tl.log2(tl.where(top > 0, top, 1.0))), 100.0))
+        e16 = (e * up).to(tl.float16)
         cols = tl.arange(0, M_PAD)
         p = tl.load(P0 + offs_d[:, None] * M_PAD + cols[None, :])  # [D, M] seeded start, zero-padded
         q = tl.zeros([N, M_PAD], tl.float32)
         for _ in range(ITERS):
-            q = _orthonormalize(tl.dot(e, p, input_precision=PREC), M_PAD, COLS)  # [N, M]
-            p = tl.dot(tl.trans(e), q, input_precision=PREC)  # [D, M]
+            q = _orthonormalize(tl.dot(e16, p.to(tl.float16)), M_PAD, COLS)  # [N, M]
+            p = tl.dot(tl.trans(e16), q.to(tl.float16))  # [D, M], times up
         gram = tl.dot(tl.trans(p), p, input_precision=PREC)  # [M, M]
         square = tl.dot(gram, gram, input_precision="ieee")  # its small eigenvalues need fp32 (codec.lowrank)
         # the Ritz vectors as [M, R2] (R2 = RANK rounded up to a power of two): a tensor this small
@@ -189,7 +196,7 @@ def _compress_kernel(
             w = _orthonormalize(tl.sum(square[:, :, None] * w[None, :, :], axis=1), R2, RANK)
         w = tl.sum(w[:, :, None] * (r2[:, None] == cols[None, :])[None, :, :], axis=1)  # [M, M], zero-padded
         a = tl.dot(q, w, input_precision=PREC).to(tl.float16)  # [N, M], columns >= RANK are zero
-        b = tl.dot(p, w, input_precision=PREC).to(tl.float16)  # [D, M]
+        b = (tl.dot(p, w, input_precision=PREC) / up).to(tl.float16)  # [D, M]
         rmask = (cols < RANK)[None, :]
         tl.store(LRA + ph * (N * RANK) + offs_t[:, None] * RANK + cols[None, :], a, mask=rmask)
         tl.store(LRB + ph * (D * RANK) + offs_d[:, None] * RANK + cols[None, :], b, mask=rmask)
@@ -254,4 +261,8 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
         H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits, IS_KEY=kind == "key", K=spec.outliers_per_side,
         RANK=spec.rank, COLS=cols, M_PAD=m_pad, ITERS=cfg.iters, RITZ=RITZ_STEPS, HAS_VALID=valid is not None,
         PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32", num_warps=4,
+        # low rank without outliers fits 4 programs per SM (a batch-64 layer in one wave) at 128
+        # registers, spilling ~0.5 KB per thread: gear_l 0.128 -> 0.107 ms; with outliers the
+        # spills cost more than the wave saves (gear 0.167 -> 0.180; H100, 2026-11-23)
+        maxnreg=128 if spec.rank and not spec.outliers_per_side else None,
     )
