@@ -194,6 +194,11 @@ def compression_timings(decode_rows: list[dict]) -> list[dict]:
                          attention_ms=attn[name], fraction_of_attention=ms / attn[name],
                          kernel_fraction_of_attention=kernel / kernel_attn[name],
                          fraction_of_fp16_attention=ms / attn["fp16"]))
+        for cap in (0, 128):  # the register cap (0: the compiler's choice), GPU time only
+            kernel = device_ms(lambda: [compress_into_pool(x[k], k, pool, ids, maxnreg=cap) for k in x])  # noqa: B023
+            rows.append(dict(method=name, bits=cfg.bits, case=f"decode_block maxnreg={cap}", batch=64,
+                             new_tokens=cfg.block_size, kernel_ms=kernel,
+                             kernel_fraction_of_attention=kernel / kernel_attn[name]))
         pages = 16384 // cfg.prefill_block_size
         xp = {kind: synthetic_kv(pages, HKV, tokens=cfg.prefill_block_size, head_dim=D, kind=kind).cuda().half()
               for kind in ("key", "value")}

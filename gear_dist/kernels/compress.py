@@ -6,11 +6,11 @@ outlier selection by iterated arg-max/arg-min, fp16 statistics with directed rou
 rank of the residual by subspace iteration with classical Gram-Schmidt (twice) on
 ``r + oversample`` columns and Rayleigh-Ritz by power steps on the square of the small Gram
 matrix, and last the outlier corrections ``X - D - L`` of what is stored (so outliers stay
-exact). The subspace iteration multiplies the residual in fp16, scaled by a power of two, with
-fp32 sums (the 10 mantissa bits TF32 keeps; 3xTF32 cost 40% more time), the Gram matrix in TF32:
-the factors are stored in fp16 anyway, and the decompressed block stays within ~8e-4 of the
-reference's (H100, 2026-11-23). Results are written straight into a page pool, so compressing a
-layer's new blocks is one launch per kind.
+exact). On the GPU the subspace iteration multiplies the residual in fp16, scaled by a power of
+two, with fp32 sums (the 10 mantissa bits TF32 keeps; 3xTF32 cost 40% more time), and the Gram
+matrix in TF32: the factors are stored in fp16 anyway, and the decompressed block stays within
+~8e-4 of the reference's (H100, 2026-11-23); Triton's interpreter keeps the codec's fp32. Results
+are written straight into a page pool, so compressing a layer's new blocks is one launch per kind.
 
 Why not torch: cuSOLVER's small batched QR made naive GEAR compression 67 ms per layer-block
 against 0.39 ms of decode attention (DESIGN §3); here the rank-2..8 factors are orthonormalised
@@ -174,18 +174,22 @@ def _compress_kernel(
     res = x - dq
     if RANK > 0:
         e = tl.where(use, res, 0.0)
-        # the residual in fp16 times a power of two that puts its largest entry at 2^8 (p stays
-        # well inside fp16): TF32's 10 mantissa bits, with half its tensor-core instructions (k16
-        # instead of k8) and operands half the size; p carries the scale until b is stored
+        # on the GPU the residual in fp16 times a power of two that puts its largest entry at 2^8
+        # (p stays well inside fp16): TF32's 10 mantissa bits, with half its tensor-core
+        # instructions (k16 instead of k8) and operands half the size; p carries the scale until
+        # b is stored. The interpreter ("ieee") keeps fp32, the codec's arithmetic, so that tests
+        # compare the two functions and not roundings (a rank-r subspace between close singular
+        # values turns 10-bit roundings into visible differences)
+        OP: tl.constexpr = tl.float32 if PREC == "ieee" else tl.float16
         top = tl.max(tl.max(tl.abs(e), axis=1), axis=0)
         up = tl.exp2(tl.minimum(8.0 - tl.ceil(tl.log2(tl.where(top > 0, top, 1.0))), 100.0))
-        e16 = (e * up).to(tl.float16)
+        e_op = (e * up).to(OP)
         cols = tl.arange(0, M_PAD)
         p = tl.load(P0 + offs_d[:, None] * M_PAD + cols[None, :])  # [D, M] seeded start, zero-padded
         q = tl.zeros([N, M_PAD], tl.float32)
         for _ in range(ITERS):
-            q = _orthonormalize(tl.dot(e16, p.to(tl.float16)), M_PAD, COLS)  # [N, M]
-            p = tl.dot(tl.trans(e16), q.to(tl.float16))  # [D, M], times up
+            q = _orthonormalize(tl.dot(e_op, p.to(OP)), M_PAD, COLS)  # [N, M]
+            p = tl.dot(tl.trans(e_op), q.to(OP))  # [D, M], times up
         gram = tl.dot(tl.trans(p), p, input_precision=PREC)  # [M, M]
         square = tl.dot(gram, gram, input_precision="ieee")  # its small eigenvalues need fp32 (codec.lowrank)
         # the Ritz vectors as [M, R2] (R2 = RANK rounded up to a power of two): a tensor this small
@@ -232,11 +236,13 @@ def _start(d: int, cols: int, m_pad: int, seed: int, device: torch.device) -> to
 
 
 def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.Tensor,
-                       valid: torch.Tensor | None = None) -> None:
+                       valid: torch.Tensor | None = None, *, maxnreg: int | None = None) -> None:
     """Compress ``x [blocks, H, N, D]`` (keys or values) into ``pool``'s pages ``ids [blocks]``.
 
     ``valid [blocks, N]`` marks real tokens. Same result as ``codec.compress`` then
-    ``pool.write`` (its reference), in one launch.
+    ``pool.write`` (its reference), in one launch. ``maxnreg`` caps the registers per thread
+    (a tuning knob, bench/kernel_bench.py tries it): None picks 128 for low rank without
+    outliers, 0 leaves it to the compiler.
     """
     spec = pool.specs[kind]
     cfg = pool.config
@@ -264,5 +270,5 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
         # low rank without outliers fits 4 programs per SM (a batch-64 layer in one wave) at 128
         # registers, spilling ~0.5 KB per thread: gear_l 0.128 -> 0.107 ms; with outliers the
         # spills cost more than the wave saves (gear 0.167 -> 0.180; H100, 2026-11-23)
-        maxnreg=128 if spec.rank and not spec.outliers_per_side else None,
+        maxnreg=((128 if spec.rank and not spec.outliers_per_side else 0) if maxnreg is None else maxnreg) or None,
     )
