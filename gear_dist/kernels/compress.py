@@ -84,9 +84,8 @@ def _compress_kernel(
     CODES, SCALE, ZERO, LRA, LRB, OV, OI,
     H: tl.constexpr, N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     IS_KEY: tl.constexpr, K: tl.constexpr, RANK: tl.constexpr, COLS: tl.constexpr, M_PAD: tl.constexpr,
-    ITERS: tl.constexpr, RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+    R2: tl.constexpr, ITERS: tl.constexpr, RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
 ):
-    R2: tl.constexpr = 1 << (RANK - 1).bit_length() if RANK > 1 else 1
     blk = tl.program_id(0)
     h = tl.program_id(1)
     page = tl.load(IDS + blk).to(tl.int64)
@@ -255,6 +254,10 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
         x = x.contiguous()
     cols = min(spec.rank + cfg.oversample, n, d)
     m_pad = max(16, _next_pow2(cols))
+    if maxnreg is None:  # low rank without outliers fits 4 programs per SM (a batch-64 layer in
+        # one wave) at 128 registers, spilling ~0.5 KB per thread: gear_l 0.128 -> 0.107 ms; with
+        # outliers the spills cost more than the wave saves (gear 0.167 -> 0.180; H100, 2026-11-23)
+        maxnreg = 128 if spec.rank and not spec.outliers_per_side else 0
     p0 = _start(d, cols if spec.rank else 0, m_pad, cfg.seed, x.device)
     parts = pool.storage[kind]
     dummy = parts["codes"]
@@ -265,10 +268,7 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
             parts.get("outlier_values", dummy), parts.get("outlier_index", dummy))
     launch(_compress_kernel, (nb, h), args,
         H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits, IS_KEY=kind == "key", K=spec.outliers_per_side,
-        RANK=spec.rank, COLS=cols, M_PAD=m_pad, ITERS=cfg.iters, RITZ=RITZ_STEPS, HAS_VALID=valid is not None,
-        PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32", num_warps=4,
-        # low rank without outliers fits 4 programs per SM (a batch-64 layer in one wave) at 128
-        # registers, spilling ~0.5 KB per thread: gear_l 0.128 -> 0.107 ms; with outliers the
-        # spills cost more than the wave saves (gear 0.167 -> 0.180; H100, 2026-11-23)
-        maxnreg=((128 if spec.rank and not spec.outliers_per_side else 0) if maxnreg is None else maxnreg) or None,
+        RANK=spec.rank, COLS=cols, M_PAD=m_pad, R2=_next_pow2(spec.rank), ITERS=cfg.iters, RITZ=RITZ_STEPS,
+        HAS_VALID=valid is not None, PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32",
+        num_warps=4, maxnreg=maxnreg or None,
     )
