@@ -69,6 +69,43 @@ def test_rows_beyond_sixteen_and_any_warps(seed):
         gear_decode_attention(q, kv, 0.088, num_warps=3)
 
 
+GLUON = [("kivi", {}), ("gear_l", {}), ("gear_l", dict(bits=4)), ("gear_l", dict(group_size=32, rank=3))]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="Gluon has no interpreter: its page loop runs on CUDA only "
+                    "(on a CPU test_kernels_compile_for_hopper compiles it)")
+@pytest.mark.parametrize("name, overrides", GLUON, ids=[f"{n}-{o}" for n, o in GLUON])
+def test_gluon_page_loop_matches_reference(seed, name, overrides):
+    """Gluon's page loop (64-token pages, d=128: the formats it takes) against the reference, with
+    left padding, two pools and a tail, for every warp count it covers, and equal to Triton's loop."""
+    from gear_dist.kernels.decode_attention import gluon_takes
+
+    cfg = CompressionConfig.preset(name, **overrides)
+    layer = _filled_layer(cfg, batch=3, heads=2, tokens=420, d=128, pad=[0, 37, 130])
+    kv = layer.paged()
+    q = torch.randn(3, 8, 128, device=DEVICE, dtype=DTYPE)
+    ref = decode_attention_reference(q, kv, 0.088)
+    triton_out = gear_decode_attention(q, kv, 0.088, page_kernel="triton")
+    specs = kv.pools[0][0].specs
+    warps = [w for w in (1, 2, 4) if gluon_takes(specs["key"], specs["value"], 4, w)]
+    assert 2 in warps
+    for w in warps:
+        out = gear_decode_attention(q, kv, 0.088, num_warps=w, page_kernel="gluon")
+        assert torch.isfinite(out).all()
+        assert _rel(out, ref) <= ATTN_TOL, w
+        assert _rel(out, triton_out) <= ATTN_TOL, w
+
+
+def test_page_kernel_choice_is_checked(seed):
+    cfg = CompressionConfig.preset("gear", **SMALL)  # outliers: Gluon's loop does not take them
+    kv = _filled_layer(cfg, batch=1, heads=1, tokens=70, d=64, pad=[0]).paged()
+    q = torch.randn(1, 4, 64, device=DEVICE, dtype=DTYPE)
+    with pytest.raises(ValueError, match="^page_kernel: 'gluon'"):
+        gear_decode_attention(q, kv, 0.125, page_kernel="gluon")
+    with pytest.raises(ValueError, match="^page_kernel:"):
+        gear_decode_attention(q, kv, 0.125, page_kernel="cuda")
+
+
 def test_reference_equals_sdpa_on_decompressed_layer(seed):
     cfg = CompressionConfig.preset("gear", **SMALL)
     layer = _filled_layer(cfg, batch=2, heads=2, tokens=100, d=64, pad=[0, 11])
@@ -202,16 +239,19 @@ def test_kernels_compile_for_hopper():
     import subprocess
     import sys
 
-    # every branch once: outliers + low rank, 3-bit codes that straddle bytes in bf16, codes only
-    variants = [("gear", {}, "float16"), ("gear", {"bits": 3}, "bfloat16"), ("kivi", {"bits": 4}, "float16")]
+    # every branch once: outliers + low rank, 3-bit codes that straddle bytes in bf16 (Triton's page
+    # loop); low rank and codes only, 2 and 4 bits (Gluon's, whose layout assertions hold only if it compiles)
+    pages = {"gear": "_pages_kernel", "gear_l": "pages_kernel", "kivi": "pages_kernel"}
+    variants = [("gear", {}, "float16"), ("gear", {"bits": 3}, "bfloat16"), ("kivi", {"bits": 4}, "float16"),
+                ("gear_l", {}, "bfloat16")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"GEAR_DIST_KERNELS": "on"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(variants)], env=env,
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stderr[-4000:]
     compiled = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(compiled) == len(variants)
-    for names in compiled.values():  # K and V of the prompt's pages, one pages launch (one pool), the merge
-        assert names == ["_compress_kernel"] * 2 + ["_pages_kernel"] + ["_combine_kernel"], names
+    for (name, _, _), names in zip(variants, compiled.values()):  # K and V of the prompt's pages, one pages
+        assert names == ["_compress_kernel"] * 2 + [pages[name], "_combine_kernel"], names  # launch, the merge
 
 
 def test_sass_report_counts_the_widest_loop():
@@ -232,7 +272,7 @@ def test_sass_report_counts_the_widest_loop():
 
 @pytest.mark.slow
 def test_sass_report_on_the_decode_kernel(tmp_path):
-    """bench/sass_report.py end to end for kivi (compiled here for sm_90): the page loop holds the
+    """bench/sass_report.py end to end for kivi (compiled here for sm_90): the (Gluon) page loop holds the
     tensor-core products and the in-register unpacking (LOP3), and nothing spills to local memory."""
     import json
     import os
@@ -244,8 +284,8 @@ def test_sass_report_on_the_decode_kernel(tmp_path):
                           "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=1200, cwd=root)
     assert run.returncode == 0, run.stderr[-4000:]
     rows = json.loads(next(tmp_path.glob("sass-*.json")).read_text())["rows"]
-    assert [r["kernel"] for r in rows] == ["_compress_kernel (keys)", "_compress_kernel (values)", "_pages_kernel",
-                                           "_combine_kernel"]
+    assert [r["kernel"] for r in rows] == ["_compress_kernel (keys)", "_compress_kernel (values)", "pages_kernel",
+                                           "_combine_kernel"]  # Gluon's page loop (no outliers)
     pages = rows[2]
     assert 0 < pages["loop_instructions"] < pages["instructions"]
     assert {"HMMA", "LOP3"} <= set(pages["loop_top_ops"])

@@ -37,7 +37,12 @@ import triton
 import triton.language as tl
 
 from gear_dist.codec import decompress
-from gear_dist.kernels.launch import launch
+from gear_dist.kernels.launch import compiling, launch
+
+try:  # Triton's Gluon dialect (3.5+): the page loop for pages without outliers (decode_pages_gluon)
+    from gear_dist.kernels import decode_pages_gluon
+except ImportError:
+    decode_pages_gluon = None
 
 if TYPE_CHECKING:
     from gear_dist.cache.pool import PagePool
@@ -392,26 +397,59 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def _tensor_cores(device: torch.device) -> bool:
+    """Whether mma_v2 (sm_80+) runs where ``device`` is, or a compile-only build targets a GPU."""
+    return _capability(device)[0] >= 8 if device.type == "cuda" else compiling()
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _num_splits(work: int, max_pages: int, device: torch.device, per_sm: int) -> int:
     """Enough (sequence, head, split) programs for ``per_sm`` per SM: a program walks its pages
     one dependent load after another, so latency is hidden by having many of them resident."""
     return max(1, min(max_pages, -(-per_sm * _sm_count(device) // max(work, 1))))
 
 
+PAGE_KERNELS = ("auto", "gluon", "triton")
+# warps per program by default, each loop's fastest on the H100 at 16 x 16k (2026-11-23): Gluon's
+# loop 1 (gear_l 0.203 ms; 2 warps 0.271, 4 warps 0.390), Triton's 2 (4 takes 1.5-1.7x as long)
+GLUON_WARPS, TRITON_WARPS = 1, 2
+
+
+def gluon_takes(spec_k, spec_v, gqa: int, num_warps: int) -> bool:
+    """Whether the Gluon page loop covers a pool's format: no outliers, 2 or 4 bits, at least 8
+    code words per row (its value layout puts words on 8 lanes), rank and value groups in the 8
+    extra columns, query rows in 16, and whole 16-token steps per warp inside one key group."""
+    bits, d, page = spec_k.bits, spec_k.head_dim, spec_k.tokens
+    ng = d // spec_v.tile[1]
+    per_warp = page // num_warps
+    return (decode_pages_gluon is not None and spec_k.outliers_per_side == 0 and spec_v.outliers_per_side == 0
+            and bits in (2, 4) and d * bits // 32 >= 8 and spec_k.rank + ng <= 8 and gqa * ng <= 16
+            and page % num_warps == 0 and per_warp % 16 == 0 and spec_k.tile[0] % per_warp == 0)
+
+
 def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, programs_per_sm: int = 16,
-                          num_warps: int = 2, tile_tokens: int = 64, num_stages: int | None = None,
-                          maxnreg: int | None = None) -> torch.Tensor:
+                          num_warps: int | None = None, tile_tokens: int = 64, num_stages: int | None = None,
+                          maxnreg: int | None = None, page_kernel: str = "auto") -> torch.Tensor:
     """Attention of one query token per sequence, ``q [B, H_q, D]``, over a layer's GEAR
     pages and fp16 tail. Returns ``[B, H_q, D]`` in ``q``'s dtype. The keyword arguments are
     tuning knobs (bench/kernel_bench.py sweeps them); ``tile_tokens`` is capped by the group size.
+    ``page_kernel``: ``auto`` takes the Gluon page loop on CUDA for the formats it covers
+    (:func:`gluon_takes`; ``tile_tokens`` and ``num_stages`` do not apply to it), else the Triton
+    one; ``gluon`` or ``triton`` force one (``gluon`` on a format it does not cover is an error).
     ``num_stages`` None: 1 for codes of 4+ bits with outliers (their dense tiles and wider code
     words leave no registers for the compiler's deeper pipelining: 0.606 vs 0.632 ms for 4-bit
     gear at 16 x 16k on the H100), else Triton's default (3; 2-bit gear 0.572 vs 0.607 ms with 1,
     2026-11-23)."""
     bsz, hq, d = q.shape
     h_kv = kv.tail_k.shape[1]
-    if num_warps not in (1, 2, 4, 8):  # each verified on the H100 (2 is fastest there: 4 takes 1.5-1.7x as long)
+    if num_warps not in (None, 1, 2, 4, 8):  # each verified on the H100
         raise ValueError(f"num_warps: 1, 2, 4 or 8, got {num_warps}")
+    if page_kernel not in PAGE_KERNELS:
+        raise ValueError(f"page_kernel: {page_kernel!r} is not one of {PAGE_KERNELS}")
     if hq % h_kv:
         raise ValueError(f"query heads {hq} are not a multiple of KV heads {h_kv}")
     gqa = hq // h_kv
@@ -444,21 +482,34 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         dummy = sk["codes"]
         ko, vo = 2 * spec_k.outliers_per_side, 2 * spec_v.outliers_per_side
         rank = spec_k.rank
-        args = (q, q.stride(0), q.stride(1), scale,
-                sk["codes"], sk["scale"], sk["zero"], sk.get("lowrank_a", dummy), sk.get("lowrank_b", dummy),
-                sk.get("outlier_values", dummy), sk.get("outlier_index", dummy),
-                sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", dummy), sv.get("lowrank_b", dummy),
-                sv.get("outlier_values", dummy), sv.get("outlier_index", dummy),
-                table, pos, npages, kv.valid_from, table.stride(0),
+        gluon = (page_kernel != "triton" and _tensor_cores(q.device)
+                 and gluon_takes(spec_k, spec_v, gqa, num_warps or GLUON_WARPS))
+        warps = num_warps or (GLUON_WARPS if gluon else TRITON_WARPS)
+        if page_kernel == "gluon" and not gluon:
+            raise ValueError("page_kernel: 'gluon' needs CUDA, Triton's Gluon and a format gluon_takes() covers")
+        blank = sk["scale"] if gluon else dummy  # for absent factors: Gluon type-checks both sides of a where
+        factors = (sk.get("lowrank_a", blank), sk.get("lowrank_b", blank))
+        head = (q, q.stride(0), q.stride(1), scale)
+        tail = (table, pos, npages, kv.valid_from, table.stride(0),
                 m, lsum, acc, offset, splits_total, -(-maxp // splits))  # a runtime value: no compile per length
-        launch(_pages_kernel, (bsz * h_kv, splits), args,
-            H_KV=h_kv, GQA=gqa, M_PAD=max(16, _next_pow2(gqa * ng)), D=d, BITS=spec_k.bits,
-            PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank, R_PAD=max(16, _next_pow2(rank)),
-            KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]), E_PAD=max(16, _next_pow2(ng + 1)),
-            PTX=os.environ.get("TRITON_INTERPRET") != "1", num_warps=num_warps,
-            num_stages=num_stages if num_stages is not None else (1 if (ko or vo) and spec_k.bits >= 4 else None),
-            maxnreg=maxnreg,
-        )
+        shape = dict(H_KV=h_kv, GQA=gqa, D=d, BITS=spec_k.bits, PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank)
+        if gluon:
+            args = (*head, sk["codes"], sk["scale"], sk["zero"], *factors,
+                    sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", blank), sv.get("lowrank_b", blank), *tail)
+            launch(decode_pages_gluon.pages_kernel, (bsz * h_kv, splits), args, **shape, NW=warps,
+                   num_warps=warps, maxnreg=maxnreg)
+        else:
+            args = (*head, sk["codes"], sk["scale"], sk["zero"], *factors,
+                    sk.get("outlier_values", dummy), sk.get("outlier_index", dummy),
+                    sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", dummy), sv.get("lowrank_b", dummy),
+                    sv.get("outlier_values", dummy), sv.get("outlier_index", dummy), *tail)
+            launch(_pages_kernel, (bsz * h_kv, splits), args, **shape,
+                M_PAD=max(16, _next_pow2(gqa * ng)), R_PAD=max(16, _next_pow2(rank)),
+                KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]), E_PAD=max(16, _next_pow2(ng + 1)),
+                PTX=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps,
+                num_stages=num_stages if num_stages is not None else (1 if (ko or vo) and spec_k.bits >= 4 else None),
+                maxnreg=maxnreg,
+            )
         offset += splits
     out = torch.empty_like(q)
     tk, tv = kv.tail_k, kv.tail_v

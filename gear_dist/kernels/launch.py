@@ -77,6 +77,8 @@ def launch(kernel, grid: tuple[int, ...], args: tuple, num_warps: int = 4, num_s
         return
     from triton.compiler import ASTSource
 
+    if getattr(kernel, "is_gluon", lambda: False)():  # Gluon kernels keep their own front end
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     names = kernel.arg_names
     signature = {n: _type(v) for n, v in zip(names, args)}
     constexprs = {(names.index(n),): v for n, v in meta.items()}
