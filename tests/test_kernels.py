@@ -77,7 +77,8 @@ GLUON = [("kivi", {}), ("gear_l", {}), ("gear_l", dict(bits=4)), ("gear_l", dict
 @pytest.mark.parametrize("name, overrides", GLUON, ids=[f"{n}-{o}" for n, o in GLUON])
 def test_gluon_page_loop_matches_reference(seed, name, overrides):
     """Gluon's page loop (64-token pages, d=128: the formats it takes) against the reference, with
-    left padding, two pools and a tail, for every warp count it covers, and equal to Triton's loop."""
+    left padding, two pools and a tail, for every warp count and tile it covers, and equal to
+    Triton's loop."""
     from gear_dist.kernels.decode_attention import gluon_takes
 
     cfg = CompressionConfig.preset(name, **overrides)
@@ -87,13 +88,13 @@ def test_gluon_page_loop_matches_reference(seed, name, overrides):
     ref = decode_attention_reference(q, kv, 0.088)
     triton_out = gear_decode_attention(q, kv, 0.088, page_kernel="triton")
     specs = kv.pools[0][0].specs
-    warps = [w for w in (1, 2, 4) if gluon_takes(specs["key"], specs["value"], 4, w)]
-    assert 2 in warps
-    for w in warps:
-        out = gear_decode_attention(q, kv, 0.088, num_warps=w, page_kernel="gluon")
+    shapes = [(w, t) for w in (1, 2, 4) for t in (64, 32) if gluon_takes(specs["key"], specs["value"], 4, w, t)]
+    assert shapes
+    for w, t in shapes:
+        out = gear_decode_attention(q, kv, 0.088, num_warps=w, tile_tokens=t, page_kernel="gluon")
         assert torch.isfinite(out).all()
-        assert _rel(out, ref) <= ATTN_TOL, w
-        assert _rel(out, triton_out) <= ATTN_TOL, w
+        assert _rel(out, ref) <= ATTN_TOL, (w, t)
+        assert _rel(out, triton_out) <= ATTN_TOL, (w, t)
 
 
 def test_page_kernel_choice_is_checked(seed):

@@ -408,37 +408,43 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def _num_splits(work: int, max_pages: int, device: torch.device, per_sm: int) -> int:
-    """Enough (sequence, head, split) programs for ``per_sm`` per SM: a program walks its pages
-    one dependent load after another, so latency is hidden by having many of them resident."""
-    return max(1, min(max_pages, -(-per_sm * _sm_count(device) // max(work, 1))))
+    """(sequence, head, split) programs for at most ``per_sm`` per SM: a program walks its pages
+    one dependent load after another, so latency is hidden by having many of them resident; and
+    no more, since a grid just over a whole number of waves leaves a last wave of a few programs
+    that takes as long as a full one (rounding up gave Gluon's loop 2.06 waves at 16 x 16k)."""
+    return max(1, min(max_pages, per_sm * _sm_count(device) // max(work, 1)))
 
 
 PAGE_KERNELS = ("auto", "gluon", "triton")
 # warps per program by default, each loop's fastest on the H100 at 16 x 16k (2026-11-23): Gluon's
 # loop 1 (gear_l 0.203 ms; 2 warps 0.271, 4 warps 0.390), Triton's 2 (4 takes 1.5-1.7x as long)
 GLUON_WARPS, TRITON_WARPS = 1, 2
+GLUON_PROGRAMS, TRITON_PROGRAMS = 8, 16  # programs per SM (_num_splits): Gluon's, 255 registers x 32 threads, fit 8
 
 
-def gluon_takes(spec_k, spec_v, gqa: int, num_warps: int) -> bool:
+def gluon_takes(spec_k, spec_v, gqa: int, num_warps: int, tile_tokens: int = 64) -> bool:
     """Whether the Gluon page loop covers a pool's format: no outliers, 2 or 4 bits, at least 8
     code words per row (its value layout puts words on 8 lanes), rank and value groups in the 8
-    extra columns, query rows in 16, and whole 16-token steps per warp inside one key group."""
+    extra columns, query rows in 16, each warp's tokens of a page inside one key group and taken
+    in whole 16-token steps."""
     bits, d, page = spec_k.bits, spec_k.head_dim, spec_k.tokens
     ng = d // spec_v.tile[1]
     per_warp = page // num_warps
+    tile = min(tile_tokens, per_warp)
     return (decode_pages_gluon is not None and spec_k.outliers_per_side == 0 and spec_v.outliers_per_side == 0
             and bits in (2, 4) and d * bits // 32 >= 8 and spec_k.rank + ng <= 8 and gqa * ng <= 16
-            and page % num_warps == 0 and per_warp % 16 == 0 and spec_k.tile[0] % per_warp == 0)
+            and page % num_warps == 0 and spec_k.tile[0] % per_warp == 0 and tile % 16 == 0
+            and per_warp % tile == 0)
 
 
-def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, programs_per_sm: int = 16,
+def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, programs_per_sm: int | None = None,
                           num_warps: int | None = None, tile_tokens: int = 64, num_stages: int | None = None,
                           maxnreg: int | None = None, page_kernel: str = "auto") -> torch.Tensor:
     """Attention of one query token per sequence, ``q [B, H_q, D]``, over a layer's GEAR
     pages and fp16 tail. Returns ``[B, H_q, D]`` in ``q``'s dtype. The keyword arguments are
     tuning knobs (bench/kernel_bench.py sweeps them); ``tile_tokens`` is capped by the group size.
     ``page_kernel``: ``auto`` takes the Gluon page loop on CUDA for the formats it covers
-    (:func:`gluon_takes`; ``tile_tokens`` and ``num_stages`` do not apply to it), else the Triton
+    (:func:`gluon_takes`; ``num_stages`` does not apply to it), else the Triton
     one; ``gluon`` or ``triton`` force one (``gluon`` on a format it does not cover is an error).
     ``num_stages`` None: 1 for codes of 4+ bits with outliers (their dense tiles and wider code
     words leave no registers for the compiler's deeper pipelining: 0.606 vs 0.632 ms for 4-bit
@@ -463,7 +469,13 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
             continue
         if pos.stride() != table.stride():
             raise ValueError("gear_decode_attention: pos and table are read with one stride; make both contiguous")
-        plans.append((pool, table, pos, npages, _num_splits(bsz * h_kv, maxp, q.device, programs_per_sm), maxp))
+        spec_k, spec_v = pool.specs["key"], pool.specs["value"]
+        gluon = (page_kernel != "triton" and _tensor_cores(q.device)
+                 and gluon_takes(spec_k, spec_v, gqa, num_warps or GLUON_WARPS, tile_tokens))
+        if page_kernel == "gluon" and not gluon:
+            raise ValueError("page_kernel: 'gluon' needs CUDA, Triton's Gluon and a format gluon_takes() covers")
+        per_sm = programs_per_sm or (GLUON_PROGRAMS if gluon else TRITON_PROGRAMS)
+        plans.append((pool, table, pos, npages, _num_splits(bsz * h_kv, maxp, q.device, per_sm), maxp, gluon))
     splits_total = max(1, sum(p[4] for p in plans))
     n = bsz * hq * splits_total  # partial results: one per (sequence, query head, split)
     partials = torch.empty(n * (d + 2), device=q.device, dtype=torch.float32)  # one allocation
@@ -473,7 +485,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         lsum.zero_()
         acc.zero_()
     offset = 0
-    for pool, table, pos, npages, splits, maxp in plans:
+    for pool, table, pos, npages, splits, maxp, gluon in plans:
         spec_k, spec_v = pool.specs["key"], pool.specs["value"]
         ng = d // spec_v.tile[1]  # value groups per token: rows of p per query head
         if spec_k.tile[1] != 1 or spec_v.tile[0] != 1 or spec_k.tile[0] != spec_v.tile[1]:
@@ -482,11 +494,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         dummy = sk["codes"]
         ko, vo = 2 * spec_k.outliers_per_side, 2 * spec_v.outliers_per_side
         rank = spec_k.rank
-        gluon = (page_kernel != "triton" and _tensor_cores(q.device)
-                 and gluon_takes(spec_k, spec_v, gqa, num_warps or GLUON_WARPS))
         warps = num_warps or (GLUON_WARPS if gluon else TRITON_WARPS)
-        if page_kernel == "gluon" and not gluon:
-            raise ValueError("page_kernel: 'gluon' needs CUDA, Triton's Gluon and a format gluon_takes() covers")
         blank = sk["scale"] if gluon else dummy  # for absent factors: Gluon type-checks both sides of a where
         factors = (sk.get("lowrank_a", blank), sk.get("lowrank_b", blank))
         head = (q, q.stride(0), q.stride(1), scale)
@@ -497,6 +505,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
             args = (*head, sk["codes"], sk["scale"], sk["zero"], *factors,
                     sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", blank), sv.get("lowrank_b", blank), *tail)
             launch(decode_pages_gluon.pages_kernel, (bsz * h_kv, splits), args, **shape, NW=warps,
+                   T=min(tile_tokens, spec_k.tokens // warps),
                    num_warps=warps, maxnreg=maxnreg)
         else:
             args = (*head, sk["codes"], sk["scale"], sk["zero"], *factors,
