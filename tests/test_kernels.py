@@ -161,8 +161,11 @@ def test_compress_kernel_matches_codec(seed, name, overrides, kind):
 @pytest.mark.parametrize("kind", ["key", "value"])
 def test_compress_kernel_at_any_scale(seed, kind):
     """The kernel scales the residual by a power of two before its products (in fp16 on the GPU):
-    a block reaching fp16's largest values matches the codec as an ordinary block does, and a
-    constant block (residual exactly zero, so no scale to find) decompresses exactly, no NaN."""
+    a block reaching fp16's largest values is as close to the input as the codec's, as an
+    ordinary block is, and a constant block (residual exactly zero, so no scale to find)
+    decompresses exactly, no NaN. (Closeness to the input, not to the codec's factors: where two
+    singular values nearly tie, fp16 products may pick another basis of the same subspace, as
+    good but not equal; one seed in some tens did on the H100.)"""
     cfg = CompressionConfig.preset("gear_l", **SMALL)
     x = synthetic_kv(3, 2, tokens=32, head_dim=64, kind=kind).to(DEVICE, DTYPE)
     x[0] *= 6e4 / x[0].abs().max()
@@ -175,7 +178,7 @@ def test_compress_kernel_at_any_scale(seed, kind):
     assert not got.isnan().any()
     assert torch.equal(got[1], x[1].float())
     for i in (0, 2):
-        assert _rel(got[i], ref[i]) < 2e-3, i
+        assert _rel(got[i], x[i].float()) <= _rel(ref[i], x[i].float()) + 2e-3, i
 
 
 def _tiny_model():
