@@ -58,7 +58,7 @@ def main() -> None:
     if bench["versions"].get("triton") != sass["versions"].get("triton"):
         raise SystemExit(f"Triton {bench['versions'].get('triton')} timed, {sass['versions'].get('triton')} "
                          "counted: the code differs between versions")
-    loops = {r["method"]: r for r in sass["rows"] if r["kernel"] == "_pages_kernel"}
+    loops = {r["method"]: r for r in sass["rows"] if r["kernel"] in ("_pages_kernel", "pages_kernel")}  # Triton | Gluon
     rows = [floors(r, bench["config"].get(r["method"], {}), loops.get(r["method"], {}), bench["copy_gbps"], args)
             for r in bench["rows"] if r.get("kind_of_row") == "decode"]
     print(f"{bench['device']} {bench['date']}, copy {bench['copy_gbps']:.0f} GB/s, "
