@@ -20,7 +20,9 @@ Flash-decoding (Dao et al., 2023) with split-K over pages, per tile of ``TILE`` 
 - a page's scales and minima are read a page ahead into registers.
 
 One launch per page pool writes per-split partials (running max, sum, output); a second kernel
-merges them with the fp16 tail (fewer than ``block_size`` tokens) and normalises.
+merges them with the fp16 tail (fewer than ``block_size`` tokens) and normalises. On CUDA, pools
+without outliers take the same page loop written in Gluon instead (``decode_pages_gluon``,
+:func:`gluon_takes`): about twice as fast; this one covers every format and Triton's interpreter.
 
 File order as Triton's fused-attention tutorial: helpers, kernels, launcher, torch reference.
 """
@@ -442,7 +444,8 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
                           maxnreg: int | None = None, page_kernel: str = "auto") -> torch.Tensor:
     """Attention of one query token per sequence, ``q [B, H_q, D]``, over a layer's GEAR
     pages and fp16 tail. Returns ``[B, H_q, D]`` in ``q``'s dtype. The keyword arguments are
-    tuning knobs (bench/kernel_bench.py sweeps them); ``tile_tokens`` is capped by the group size.
+    tuning knobs (bench/kernel_bench.py sweeps them); ``tile_tokens`` is capped by the group size
+    (Triton's loop) or by a warp's tokens of a page (Gluon's).
     ``page_kernel``: ``auto`` takes the Gluon page loop on CUDA for the formats it covers
     (:func:`gluon_takes`; ``num_stages`` does not apply to it), else the Triton
     one; ``gluon`` or ``triton`` force one (``gluon`` on a format it does not cover is an error).
@@ -496,22 +499,18 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         rank = spec_k.rank
         warps = num_warps or (GLUON_WARPS if gluon else TRITON_WARPS)
         blank = sk["scale"] if gluon else dummy  # for absent factors: Gluon type-checks both sides of a where
-        factors = (sk.get("lowrank_a", blank), sk.get("lowrank_b", blank))
+        key, value = ((s["codes"], s["scale"], s["zero"], s.get("lowrank_a", blank), s.get("lowrank_b", blank))
+                      for s in (sk, sv))
         head = (q, q.stride(0), q.stride(1), scale)
         tail = (table, pos, npages, kv.valid_from, table.stride(0),
                 m, lsum, acc, offset, splits_total, -(-maxp // splits))  # a runtime value: no compile per length
         shape = dict(H_KV=h_kv, GQA=gqa, D=d, BITS=spec_k.bits, PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank)
         if gluon:
-            args = (*head, sk["codes"], sk["scale"], sk["zero"], *factors,
-                    sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", blank), sv.get("lowrank_b", blank), *tail)
-            launch(decode_pages_gluon.pages_kernel, (bsz * h_kv, splits), args, **shape, NW=warps,
-                   T=min(tile_tokens, spec_k.tokens // warps),
-                   num_warps=warps, maxnreg=maxnreg)
+            launch(decode_pages_gluon.pages_kernel, (bsz * h_kv, splits), (*head, *key, *value, *tail), **shape,
+                   NW=warps, T=min(tile_tokens, spec_k.tokens // warps), num_warps=warps, maxnreg=maxnreg)
         else:
-            args = (*head, sk["codes"], sk["scale"], sk["zero"], *factors,
-                    sk.get("outlier_values", dummy), sk.get("outlier_index", dummy),
-                    sv["codes"], sv["scale"], sv["zero"], sv.get("lowrank_a", dummy), sv.get("lowrank_b", dummy),
-                    sv.get("outlier_values", dummy), sv.get("outlier_index", dummy), *tail)
+            args = (*head, *key, sk.get("outlier_values", dummy), sk.get("outlier_index", dummy),
+                    *value, sv.get("outlier_values", dummy), sv.get("outlier_index", dummy), *tail)
             launch(_pages_kernel, (bsz * h_kv, splits), args, **shape,
                 M_PAD=max(16, _next_pow2(gqa * ng)), R_PAD=max(16, _next_pow2(rank)),
                 KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]), E_PAD=max(16, _next_pow2(ng + 1)),

@@ -5,9 +5,9 @@ so a page goes from memory to the tensor cores with no shared memory and no barr
 Same arithmetic as :func:`gear_dist.kernels.decode_attention._pages_kernel` (whose docstring gives
 the algebra), arranged around mma_v2's register layouts:
 
-- the warps are the batch dimension of every product: each warp takes ``T = PAGE / warps`` tokens
-  of each page and keeps its own running max and sums, merged once at the program's end (no
-  reduction crosses warps per page);
+- the warps are the batch dimension of every product: each warp takes ``PAGE / warps`` tokens of
+  each page, ``T`` at a time, and keeps its own running max and sums, merged once at the
+  program's end (no reduction crosses warps per page; one warp per program is the fastest);
 - scores are transposed, ``s^T [16, T] = w [16, D] . key tile [D, T]``: their accumulator *is* the
   A-operand layout of ``p [16, T]`` for ``p . V`` (FlashAttention-2's register reuse,
   ``convert_layout(..., assert_trivial=True)`` proves it at compile time);
@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 # -- layouts (evaluated at compile time) ------------------------------------------------------
 @triton.constexpr_function
 def _pow2s(n):
+    """The powers of two below ``n``: the bases of a dimension of size ``n``."""
     return [1 << i for i in range(max(n, 1).bit_length() - 1)]
 
 
@@ -66,6 +67,7 @@ def value_unpack_layout(NW, TP, NWORDS, PER):
 
 @triton.constexpr_function
 def sliced(parent, keep, rank):
+    """``parent`` sliced at every dimension but ``keep``: the layout of a 1-D index along it."""
     layout = parent
     for d in reversed(range(rank)):
         if d != keep:
@@ -78,16 +80,6 @@ def log2(n):
     return n.bit_length() - 1
 
 
-# -- helpers ---------------------------------------------------------------------------------
-@gluon.jit
-def along(n: gl.constexpr, dim: gl.constexpr, parent: gl.constexpr, rank: gl.constexpr):
-    x = gl.arange(0, n, layout=sliced(parent, dim, rank))
-    for d in gl.static_range(rank):
-        if d != dim:
-            x = gl.expand_dims(x, d)
-    return x
-
-
 @triton.constexpr_function
 def without(layout, dim, value):
     """A linear layout with the register basis that moves ``dim`` by ``value`` dropped (that half of the dim gone)."""
@@ -95,6 +87,17 @@ def without(layout, dim, value):
     shape = list(layout.shape)
     shape[dim] //= 2
     return gl.DistributedLinearLayout(reg, layout.lane_bases, layout.warp_bases, layout.block_bases, shape)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+@gluon.jit
+def along(n: gl.constexpr, dim: gl.constexpr, parent: gl.constexpr, rank: gl.constexpr):
+    """``arange(n)`` along ``dim`` of a rank-``rank`` tensor in layout ``parent`` (size 1 elsewhere)."""
+    x = gl.arange(0, n, layout=sliced(parent, dim, rank))
+    for d in gl.static_range(rank):
+        if d != dim:
+            x = gl.expand_dims(x, d)
+    return x
 
 
 @gluon.jit
@@ -115,28 +118,25 @@ def load_pairs(ptr, offs, mask, AXIS: gl.constexpr):
     load per pair. 2-D (pairs along the last axis) or 3-D. Returns the tensor in a layout equal to
     offs' up to register order."""
     mask = mask & (offs >= 0)  # to offs' shape
-    if len(offs.shape) == 2:
-        a: gl.constexpr = offs.shape[0]
-        c: gl.constexpr = offs.shape[1]
-        even, _ = gl.split(gl.reshape(offs, (a, c // 2, 2)))
-        ok, _ = gl.split(gl.reshape(mask, (a, c // 2, 2)))
-        w = gl.load(ptr.to(gl.pointer_type(gl.int32)) + even // 2, mask=ok, other=0)
-        return gl.reshape(gl.join(w.to(gl.int16), (w >> 16).to(gl.int16)).to(gl.float16, bitcast=True), (a, c))
-    else:
-        if AXIS == 1:
-            offs = gl.permute(offs, (0, 2, 1))
-            mask = gl.permute(mask, (0, 2, 1))
-        a3: gl.constexpr = offs.shape[0]
-        b3: gl.constexpr = offs.shape[1]
-        c3: gl.constexpr = offs.shape[2]
-        even3, _ = gl.split(gl.reshape(offs, (a3, b3, c3 // 2, 2)))
-        ok3, _ = gl.split(gl.reshape(mask, (a3, b3, c3 // 2, 2)))
-        w3 = gl.load(ptr.to(gl.pointer_type(gl.int32)) + even3 // 2, mask=ok3, other=0)
-        x = gl.join(w3.to(gl.int16), (w3 >> 16).to(gl.int16)).to(gl.float16, bitcast=True)
-        x = gl.reshape(x, (a3, b3, c3))
-        if AXIS == 1:
-            x = gl.permute(x, (0, 2, 1))
-        return x
+    RANK2: gl.constexpr = len(offs.shape) == 2
+    if RANK2:  # as [1, .., ..]
+        offs = gl.reshape(offs, (1, offs.shape[0], offs.shape[1]))
+        mask = gl.reshape(mask, (1, offs.shape[1], offs.shape[2]))
+    elif AXIS == 1:  # pairs along the last axis
+        offs = gl.permute(offs, (0, 2, 1))
+        mask = gl.permute(mask, (0, 2, 1))
+    a: gl.constexpr = offs.shape[0]
+    b: gl.constexpr = offs.shape[1]
+    c: gl.constexpr = offs.shape[2]
+    even, _ = gl.split(gl.reshape(offs, (a, b, c // 2, 2)))
+    ok, _ = gl.split(gl.reshape(mask, (a, b, c // 2, 2)))
+    w = gl.load(ptr.to(gl.pointer_type(gl.int32)) + even // 2, mask=ok, other=0)
+    x = gl.reshape(gl.join(w.to(gl.int16), (w >> 16).to(gl.int16)).to(gl.float16, bitcast=True), (a, b, c))
+    if RANK2:
+        x = gl.reshape(x, (b, c))
+    elif AXIS == 1:
+        x = gl.permute(x, (0, 2, 1))
+    return x
 
 
 @gluon.jit
