@@ -473,6 +473,8 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         if pos.stride() != table.stride():
             raise ValueError("gear_decode_attention: pos and table are read with one stride; make both contiguous")
         spec_k, spec_v = pool.specs["key"], pool.specs["value"]
+        if spec_k.tile[1] != 1 or spec_v.tile[0] != 1 or spec_k.tile[0] != spec_v.tile[1]:
+            raise ValueError("gear_decode_attention needs the KIVI backbone (keys per channel, values per token)")
         gluon = (page_kernel != "triton" and _tensor_cores(q.device)
                  and gluon_takes(spec_k, spec_v, gqa, num_warps or GLUON_WARPS, tile_tokens))
         if page_kernel == "gluon" and not gluon:
@@ -491,14 +493,11 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
     for pool, table, pos, npages, splits, maxp, gluon in plans:
         spec_k, spec_v = pool.specs["key"], pool.specs["value"]
         ng = d // spec_v.tile[1]  # value groups per token: rows of p per query head
-        if spec_k.tile[1] != 1 or spec_v.tile[0] != 1 or spec_k.tile[0] != spec_v.tile[1]:
-            raise ValueError("gear_decode_attention needs the KIVI backbone (keys per channel, values per token)")
         sk, sv = pool.storage["key"], pool.storage["value"]
-        dummy = sk["codes"]
         ko, vo = 2 * spec_k.outliers_per_side, 2 * spec_v.outliers_per_side
         rank = spec_k.rank
         warps = num_warps or (GLUON_WARPS if gluon else TRITON_WARPS)
-        blank = sk["scale"] if gluon else dummy  # for absent factors: Gluon type-checks both sides of a where
+        blank = sk["scale"]  # stands for absent parts (fp16: Gluon type-checks both sides of a where)
         key, value = ((s["codes"], s["scale"], s["zero"], s.get("lowrank_a", blank), s.get("lowrank_b", blank))
                       for s in (sk, sv))
         head = (q, q.stride(0), q.stride(1), scale)
@@ -509,8 +508,8 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
             launch(decode_pages_gluon.pages_kernel, (bsz * h_kv, splits), (*head, *key, *value, *tail), **shape,
                    NW=warps, T=min(tile_tokens, spec_k.tokens // warps), num_warps=warps, maxnreg=maxnreg)
         else:
-            args = (*head, *key, sk.get("outlier_values", dummy), sk.get("outlier_index", dummy),
-                    *value, sv.get("outlier_values", dummy), sv.get("outlier_index", dummy), *tail)
+            args = (*head, *key, sk.get("outlier_values", blank), sk.get("outlier_index", blank),
+                    *value, sv.get("outlier_values", blank), sv.get("outlier_index", blank), *tail)
             launch(_pages_kernel, (bsz * h_kv, splits), args, **shape,
                 M_PAD=max(16, _next_pow2(gqa * ng)), R_PAD=max(16, _next_pow2(rank)),
                 KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]), E_PAD=max(16, _next_pow2(ng + 1)),

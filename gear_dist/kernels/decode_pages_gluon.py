@@ -157,35 +157,36 @@ def _fp16_pairs(x, mask):
 
 
 @gluon.jit
-def _prefetch(ptr, mask):
-    """PTX ``prefetch.global.L2`` of the cache lines at ``ptr`` where ``mask``; its dummy result keeps
-    it in the program (an asm statement without outputs cannot be written here)."""
-    return gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-                                     "=r,l,r", [ptr, mask.to(gl.int32)], dtype=gl.int32, is_pure=False, pack=1)
+def _prefetch(ptr, ph, NBYTES: gl.constexpr, lane):
+    """PTX ``prefetch.global.L2`` of every 128-byte line of block ``ph`` of ``NBYTES`` bytes at
+    ``ptr``, a line per lane; the asm's dummy result keeps it in the program (an asm statement
+    without outputs cannot be written here)."""
+    n: gl.constexpr = lane.shape[0]
+    base = ptr.to(gl.pointer_type(gl.int8)) + ph * NBYTES
+    for i in gl.static_range(triton.cdiv(NBYTES, 128 * n)):
+        line = (i * n + lane) * 128
+        gl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+                                  "=r,l,r", [base + line, (line < NBYTES).to(gl.int32)], dtype=gl.int32,
+                                  is_pure=False, pack=1)
 
 
 @gluon.jit
 def _prefetch_page(lane, ph, KC, VC, KS, KZ, KA, KB, VS, VZ, VA, VB, CODES: gl.constexpr, KSTAT: gl.constexpr,
                    VSTAT: gl.constexpr, LRA: gl.constexpr, LRB: gl.constexpr, RANK: gl.constexpr):
-    """Every 128-byte line of one page (codes, statistics, factors) asked into L2 a page ahead of its
-    use, a line per lane: the page loop's loads then wait for L2, not for memory. H100, 2026-11-23:
-    gear_l 16 x 16k 0.173 -> 0.154 ms, 64 x 4k 0.209 -> 0.177; kivi 0.131 -> 0.126 (into L1: the same)."""
-    n: gl.constexpr = lane.shape[0]
-    for i in gl.static_range(triton.cdiv(CODES, 128 * n)):
-        line = (i * n + lane) * 128
-        _prefetch(KC + ph * CODES + line, line < CODES)
-        _prefetch(VC + ph * CODES + line, line < CODES)
-    bytes_k: gl.constexpr = 2 * KSTAT
-    bytes_v: gl.constexpr = 2 * VSTAT
-    _prefetch(KS.to(gl.pointer_type(gl.int8)) + ph * bytes_k + lane * 128, lane * 128 < bytes_k)
-    _prefetch(KZ.to(gl.pointer_type(gl.int8)) + ph * bytes_k + lane * 128, lane * 128 < bytes_k)
-    _prefetch(VS.to(gl.pointer_type(gl.int8)) + ph * bytes_v + lane * 128, lane * 128 < bytes_v)
-    _prefetch(VZ.to(gl.pointer_type(gl.int8)) + ph * bytes_v + lane * 128, lane * 128 < bytes_v)
+    """Every line of one page (codes, statistics, factors) asked into L2 a page ahead of its use:
+    the page loop's loads then wait for L2, not for memory. H100, 2026-11-23: gear_l 16 x 16k
+    0.173 -> 0.154 ms, 64 x 4k 0.209 -> 0.177; kivi 0.131 -> 0.126 (into L1: the same)."""
+    _prefetch(KC, ph, CODES, lane)
+    _prefetch(VC, ph, CODES, lane)
+    _prefetch(KS, ph, 2 * KSTAT, lane)  # fp16 statistics and factors
+    _prefetch(KZ, ph, 2 * KSTAT, lane)
+    _prefetch(VS, ph, 2 * VSTAT, lane)
+    _prefetch(VZ, ph, 2 * VSTAT, lane)
     if RANK > 0:
-        _prefetch(KA.to(gl.pointer_type(gl.int8)) + ph * (2 * LRA) + lane * 128, lane * 128 < 2 * LRA)
-        _prefetch(VA.to(gl.pointer_type(gl.int8)) + ph * (2 * LRA) + lane * 128, lane * 128 < 2 * LRA)
-        _prefetch(KB.to(gl.pointer_type(gl.int8)) + ph * (2 * LRB) + lane * 128, lane * 128 < 2 * LRB)
-        _prefetch(VB.to(gl.pointer_type(gl.int8)) + ph * (2 * LRB) + lane * 128, lane * 128 < 2 * LRB)
+        _prefetch(KA, ph, 2 * LRA, lane)
+        _prefetch(VA, ph, 2 * LRA, lane)
+        _prefetch(KB, ph, 2 * LRB, lane)
+        _prefetch(VB, ph, 2 * LRB, lane)
 
 
 @gluon.jit
@@ -258,7 +259,6 @@ def pages_kernel(
     LB_AK: gl.constexpr = without(gl.to_linear_layout(lb, [NW, 16, T]), 1, 8)  # [NW, 8, T]: A_k^T's first 8 rows
     LB_BV: gl.constexpr = without(gl.to_linear_layout(lb, [NW, 16, D]), 1, 8)  # [NW, 8, D]
     LB_X: gl.constexpr = without(gl.to_linear_layout(lb, [NW, T, 16]), 2, 8)  # [NW, T, 8]
-    LM8: gl.constexpr = without(gl.to_linear_layout(mma, [NW, 16, 16]), 2, 8)  # [NW, 16, 8]
 
     pid = gl.program_id(0)
     split = gl.program_id(1)
@@ -275,7 +275,7 @@ def pages_kernel(
     q16 = (q.to(f32) * scale).to(f16)
     wmul = gl.exp2((BITS * (PER - 1 - s_a)).to(f32)).to(f16)  # TOP / step: exact
     wa2 = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(1, la)))
-    chan_a2, s_a2 = key_channel(gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, la))), D, BITS)
+    chan_a2, _ = key_channel(gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, la))), D, BITS)
     ks_offs = gl.expand_dims((wa2 * WT) // G * D, 1) + gl.expand_dims(chan_a2, 0)  # [NW, D]
 
     # key tile: [NW, 4, NWLO, 2, PER, T]
@@ -304,7 +304,7 @@ def pages_kernel(
     wb = along(NW, 0, lb, 3)
     kb_ = along(D, 1, lb, 3)
     nb8 = along(8, 2, lb, 3)
-    chan_b, s_b = key_channel(kb_, D, BITS)
+    chan_b, _ = key_channel(kb_, D, BITS)
     kz_offs = ((wb * WT) // G) * D + chan_b + nb8 * 0
     neg_bias = gl.full([NW, D, 8], -1024.0 / TOP, f16, layout=lb)
     ones = gl.full([NW, T, 8], 1.0, f16, layout=lb)
@@ -423,7 +423,7 @@ def pages_kernel(
     ps_r = gl.max(ps8, axis=2)
     l_r = gl.sum(gl.where(col16 == 8, y, 0.0), axis=2)
     nm = along(D, 2, mma, 3)
-    chan_m, s_m = value_channel(nm, D, BITS)
+    _, s_m = value_channel(nm, D, BITS)
     o = (acc - 1024.0 * gl.expand_dims(ps_r, 2)) / gl.exp2((BITS * s_m).to(f32))
     m_all = gl.max(m_i, axis=0)
     m_all_safe = gl.where(m_all == float("-inf"), 0.0, m_all)
@@ -433,7 +433,7 @@ def pages_kernel(
     out_l: gl.constexpr = gl.SliceLayout(0, mma)
     r2 = gl.arange(0, 16, layout=gl.SliceLayout(1, out_l))
     n2 = gl.arange(0, D, layout=gl.SliceLayout(0, out_l))
-    chan2, s2 = value_channel(n2, D, BITS)
+    chan2, _ = value_channel(n2, D, BITS)
     out2 = (b * (H_KV * GQA) + h * GQA + r2 // NG) * splits_total + split_offset + split
     ok2 = gl.expand_dims(r2 < GQA * NG, 1) & (gl.expand_dims(chan2 // G, 0) == gl.expand_dims(r2 % NG, 1))
     gl.store(ACC_OUT + gl.expand_dims(out2, 1) * D + gl.expand_dims(chan2, 0), o, mask=ok2)
