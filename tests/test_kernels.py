@@ -69,7 +69,8 @@ def test_rows_beyond_sixteen_and_any_warps(seed):
         gear_decode_attention(q, kv, 0.088, num_warps=3)
 
 
-GLUON = [("kivi", {}), ("gear_l", {}), ("gear_l", dict(bits=4)), ("gear_l", dict(group_size=32, rank=3))]
+GLUON = [("kivi", {}), ("gear_l", {}), ("gear_l", dict(bits=4)), ("gear_l", dict(group_size=32, rank=3)),
+         ("gear_l", dict(rank=3, rank_prefill=3))]  # odd rank in 64-token pages: factor rows not 4-byte aligned
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="Gluon has no interpreter: its page loop runs on CUDA only "
