@@ -302,7 +302,7 @@ def pages_kernel(
     q = gl.load(Q + b * stride_qb + (h * GQA + ra // NG) * stride_qh + chan_a + wa * 0,
                 mask=(ra < GQA * NG) & (wa >= 0), other=0.0)
     q16 = (q.to(f32) * scale).to(f16)
-    wmul = gl.exp2((BITS * (PER - 1 - s_a)).to(f32)).to(f16)  # TOP / step: exact
+    wmul = (1 << (BITS * (PER - 1 - s_a))).to(f16)  # TOP / step: exact, a constant per register
     wa2 = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(1, la)))
     # offsets of every load in two parts, lanes' and registers' (see lane_reg)
     R_KS: gl.constexpr = reg_bits(gl.to_linear_layout(gl.SliceLayout(1, la), [NW, D]), 1)
@@ -382,7 +382,7 @@ def pages_kernel(
     jbv = along(8, 1, LB_BV, 3)
     nbv = along(D, 2, LB_BV, 3)
     chan_bv, s_bv = value_channel(nbv, D, BITS)
-    step_bv = gl.exp2((BITS * s_bv).to(f32)).to(f16)  # exact: a power of two
+    step_bv = (1 << (BITS * s_bv)).to(f16)  # exact: a power of two
     R_BN: gl.constexpr = reg_bits(LB_BV, 2)
     R_BJ: gl.constexpr = reg_bits(LB_BV, 1)
     nbv_l, nbv_r = lane_reg(nbv, R_BN)
