@@ -98,6 +98,19 @@ def test_gluon_page_loop_matches_reference(seed, name, overrides):
         assert _rel(out, triton_out) <= ATTN_TOL, (w, t)
 
 
+def test_reg_bits_refuses_bits_that_registers_and_lanes_share():
+    """The Gluon loop's offsets add a lane part and a register part of each index (lane_reg): exact
+    only where registers and lanes own different bits of it, which reg_bits checks at compile time."""
+    from types import SimpleNamespace
+
+    gluon_loop = pytest.importorskip("gear_dist.kernels.decode_pages_gluon")
+    apart = SimpleNamespace(reg_bases=[[0, 1], [0, 8]], lane_bases=[[0, 2], [0, 4]], warp_bases=[[1, 0]])
+    assert gluon_loop.reg_bits(apart, 1) == 9 and gluon_loop.reg_bits(apart, 0) == 0
+    shared = SimpleNamespace(reg_bases=[[0, 1], [0, 2]], lane_bases=[[0, 2]], warp_bases=[])
+    with pytest.raises(AssertionError, match="share index bits 0x2"):
+        gluon_loop.reg_bits(shared, 1)
+
+
 def test_page_kernel_choice_is_checked(seed):
     cfg = CompressionConfig.preset("gear", **SMALL)  # outliers: Gluon's loop does not take them
     kv = _filled_layer(cfg, batch=1, heads=1, tokens=70, d=64, pad=[0]).paged()

@@ -94,11 +94,16 @@ def without(layout, dim, value):
 
 @triton.constexpr_function
 def reg_bits(layout, dim):
-    """The bits of an index along ``dim`` that a linear layout takes from registers."""
-    m = 0
+    """The bits of an index along ``dim`` that a linear layout takes from registers (checked to be
+    apart from those lanes and warps give it, as :func:`lane_reg` needs)."""
+    reg = 0
+    others = 0
     for b in layout.reg_bases:
-        m |= b[dim]
-    return m
+        reg |= b[dim]
+    for b in list(layout.lane_bases) + list(layout.warp_bases):
+        others |= b[dim]
+    assert reg & others == 0, f"dim {dim}: registers and lanes share index bits {reg & others:#x}"
+    return reg
 
 
 # -- helpers ---------------------------------------------------------------------------------
