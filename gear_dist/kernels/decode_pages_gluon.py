@@ -164,12 +164,13 @@ def load_pairs(ptr, lane, reg, mask, AXIS: gl.constexpr, ALIGNED: gl.constexpr =
 
 
 @gluon.jit
-def lane_reg(x, R: gl.constexpr):
-    """An index tensor as its lane and warp part and its register part (``R``: the bits registers
-    give it). Offsets built from each part apart and added keep the register part a constant per
+def lane_reg(x, layout: gl.constexpr, dim: gl.constexpr):
+    """An index tensor along ``dim`` of a linear ``layout`` as its lane and warp part and its register
+    part (:func:`reg_bits`). Offsets built from each part apart and added keep the register part a constant per
     register, which the compiler folds into the load's immediate offset; built from the whole
     index (``lane | constant`` per register) each is an address computed per load and a register
     held across the page loop."""
+    R: gl.constexpr = reg_bits(layout, dim)
     return x & ~R, x & R
 
 
@@ -310,8 +311,8 @@ def pages_kernel(
     wmul = (1 << (BITS * (PER - 1 - s_a))).to(f16)  # TOP / step: exact, a constant per register
     wa2 = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(1, la)))
     # offsets of every load in two parts, lanes' and registers' (see lane_reg)
-    R_KS: gl.constexpr = reg_bits(gl.to_linear_layout(gl.SliceLayout(1, la), [NW, D]), 1)
-    ka2_l, ka2_r = lane_reg(gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, la))), R_KS)
+    ka2_l, ka2_r = lane_reg(gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, la))),
+                            gl.to_linear_layout(gl.SliceLayout(1, la), [NW, D]), 1)
     chan_a2_l, _ = key_channel(ka2_l, D, BITS)
     chan_a2_r, _ = key_channel(ka2_r, D, BITS)
     ks_lane = gl.expand_dims((wa2 * WT) // G * D, 1) + gl.expand_dims(chan_a2_l, 0)  # [NW, D]
@@ -323,10 +324,8 @@ def pages_kernel(
     wlo = along(NWLO, 2, KU, 6)
     sel = along(2, 3, KU, 6)
     sk = along(PER, 4, KU, 6)
-    R_KT: gl.constexpr = reg_bits(KU, 5)
-    R_KW: gl.constexpr = reg_bits(KU, 2)
-    tk_l, tk_r = lane_reg(along(T, 5, KU, 6), R_KT)
-    wlo_l, wlo_r = lane_reg(wlo, R_KW)
+    tk_l, tk_r = lane_reg(along(T, 5, KU, 6), KU, 5)
+    wlo_l, wlo_r = lane_reg(wlo, KU, 2)
     key_lane = (wk * WT + tk_l) * NWORDS + whi * NWLO + wlo_l  # whi: lanes only
     key_reg = tk_r * NWORDS + wlo_r
     key_mask = MASK << (BITS * sk)
@@ -338,10 +337,8 @@ def pages_kernel(
     lohi = along(2, 3, VU, 6)
     selv = along(2, 4, VU, 6)
     sv = along(PER, 5, VU, 6)
-    R_VT: gl.constexpr = reg_bits(VU, 1)
-    R_VW: gl.constexpr = reg_bits(VU, 2)
-    tpv_l, tpv_r = lane_reg(tpv, R_VT)
-    wordv_l, wordv_r = lane_reg(wordv, R_VW)
+    tpv_l, tpv_r = lane_reg(tpv, VU, 1)
+    wordv_l, wordv_r = lane_reg(wordv, VU, 2)
     val_lane = (wv * WT + 2 * tpv_l) * NWORDS + wordv_l
     val_reg = 2 * tpv_r * NWORDS + wordv_r
     val_mask = MASK << (BITS * sv)
@@ -352,8 +349,7 @@ def pages_kernel(
     wb = along(NW, 0, lb, 3)
     kb_ = along(D, 1, lb, 3)
     nb8 = along(8, 2, lb, 3)
-    R_KB: gl.constexpr = reg_bits(gl.to_linear_layout(lb, [NW, D, 8]), 1)
-    kb_l, kb_r = lane_reg(kb_, R_KB)
+    kb_l, kb_r = lane_reg(kb_, gl.to_linear_layout(lb, [NW, D, 8]), 1)
     chan_b_l, _ = key_channel(kb_l, D, BITS)
     chan_b_r, _ = key_channel(kb_r, D, BITS)
     kz_lane = ((wb * WT) // G) * D + chan_b_l + nb8 * 0  # nb8: lanes only
@@ -365,10 +361,8 @@ def pages_kernel(
     wak = along(NW, 0, LB_AK, 3)
     jak = along(8, 1, LB_AK, 3)
     tak = along(T, 2, LB_AK, 3)
-    R_AJ: gl.constexpr = reg_bits(LB_AK, 1)
-    R_AT: gl.constexpr = reg_bits(LB_AK, 2)
-    jak_l, jak_r = lane_reg(jak, R_AJ)
-    tak_l, tak_r = lane_reg(tak, R_AT)
+    jak_l, jak_r = lane_reg(jak, LB_AK, 1)
+    tak_l, tak_r = lane_reg(tak, LB_AK, 2)
     ak_lane = (wak * WT + tak_l) * RANK + jak_l
     ak_reg = tak_r * RANK + jak_r
     ak_ok = (jak < RANK) & (tak >= 0)
@@ -377,8 +371,7 @@ def pages_kernel(
     wx = along(NW, 0, LB_X, 3)
     tx = along(T, 1, LB_X, 3)
     cx = along(8, 2, LB_X, 3)
-    R_XT: gl.constexpr = reg_bits(LB_X, 1)
-    tx_l, tx_r = lane_reg(tx, R_XT)  # cx: lanes only
+    tx_l, tx_r = lane_reg(tx, LB_X, 1)  # cx: lanes only
     x_lane = gl.where(cx < RANK, (wx * WT + tx_l) * RANK + cx, (wx * WT + tx_l) * NG + (cx - RANK))
     x_reg = tx_r * gl.where(cx < RANK, RANK, NG)  # constants where RANK == NG or RANK == 0
     x_ok = cx < RANK + NG
@@ -388,10 +381,8 @@ def pages_kernel(
     nbv = along(D, 2, LB_BV, 3)
     chan_bv, s_bv = value_channel(nbv, D, BITS)
     step_bv = (1 << (BITS * s_bv)).to(f16)  # exact: a power of two
-    R_BN: gl.constexpr = reg_bits(LB_BV, 2)
-    R_BJ: gl.constexpr = reg_bits(LB_BV, 1)
-    nbv_l, nbv_r = lane_reg(nbv, R_BN)
-    jbv_l, jbv_r = lane_reg(jbv, R_BJ)
+    nbv_l, nbv_r = lane_reg(nbv, LB_BV, 2)
+    jbv_l, jbv_r = lane_reg(jbv, LB_BV, 1)
     chan_bv_l, _ = value_channel(nbv_l, D, BITS)
     chan_bv_r, _ = value_channel(nbv_r, D, BITS)
     bv_lane = chan_bv_l * RANK + jbv_l + wbv * 0
@@ -404,10 +395,8 @@ def pages_kernel(
     rm = along(16, 1, mma, 3)
     tm = along(T, 2, mma, 3)
     tok_m = wm * WT + tm
-    R_MR: gl.constexpr = reg_bits(gl.to_linear_layout(mma, [NW, 16, T]), 1)
-    R_MT: gl.constexpr = reg_bits(gl.to_linear_layout(mma, [NW, 16, T]), 2)
-    tok_m_l, tok_m_r = lane_reg(tok_m, R_MT)
-    rm_l, rm_r = lane_reg(rm, R_MR)
+    tok_m_l, tok_m_r = lane_reg(tok_m, gl.to_linear_layout(mma, [NW, 16, T]), 2)
+    rm_l, rm_r = lane_reg(rm, gl.to_linear_layout(mma, [NW, 16, T]), 1)
     vs_lane = tok_m_l * NG + rm_l % NG
     vs_reg = tok_m_r * NG + rm_r % NG
     col16 = along(16, 2, mma, 3)
@@ -434,7 +423,8 @@ def pages_kernel(
         ks = load_pairs(KS + ph * KSTAT, ks_lane, ks_reg, ks_reg >= 0, 1)
         ks = gl.expand_dims(gl.convert_layout(ks, gl.SliceLayout(1, la), assert_trivial=True), 1)
         w16 = q16 * (ks * wmul)
-        kz = gl.convert_layout(load_pairs(KZ + ph * KSTAT, kz_lane, chan_b_r, chan_b_r >= 0, 1), lb, assert_trivial=True)
+        kz = load_pairs(KZ + ph * KSTAT, kz_lane, chan_b_r, chan_b_r >= 0, 1)
+        kz = gl.convert_layout(kz, lb, assert_trivial=True)
         kbias = mma_v2(w16, neg_bias, mma_v2(q16, kz, gl.zeros([NW, 16, 8], f32, layout=mma)))
         kbias = gl.expand_dims(gl.max(kbias, axis=2) * TOP, 2) + gl.zeros([NW, 16, T], f32, layout=mma)
         if RANK > 0:
