@@ -172,10 +172,10 @@ def decode_timings(copy_gbps: float) -> list[dict]:
 
 KNOBS = [  # gear_decode_attention's tuning knobs, tried on the 16 x 16k case (the first is the default: Gluon's
     # page loop for gear_l, Triton's for gear, each with its own warps and programs per SM)
-    {}, dict(page_kernel="triton"), dict(programs_per_sm=4), dict(programs_per_sm=16), dict(programs_per_sm=64),
-    dict(num_warps=1), dict(num_warps=2), dict(num_warps=4), dict(tile_tokens=32), dict(num_stages=1),
-    dict(num_stages=2), dict(maxnreg=128), dict(maxnreg=168),
-    dict(maxnreg=216, programs_per_sm=9), dict(maxnreg=200, programs_per_sm=10),  # more one-warp programs per SM
+    {}, dict(page_kernel="triton"), dict(programs_per_sm=4), dict(programs_per_sm=8), dict(programs_per_sm=16),
+    dict(programs_per_sm=64), dict(num_warps=1), dict(num_warps=2), dict(num_warps=4), dict(tile_tokens=32),
+    dict(num_stages=1), dict(num_stages=2), dict(maxnreg=128), dict(maxnreg=168),
+    dict(maxnreg=152, programs_per_sm=13), dict(maxnreg=128, programs_per_sm=16),  # more one-warp programs per SM
 ]
 
 

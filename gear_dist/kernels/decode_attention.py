@@ -421,13 +421,13 @@ PAGE_KERNELS = ("auto", "gluon", "triton")
 # warps per program by default, each loop's fastest on the H100 at 16 x 16k (2026-11-23): Gluon's
 # loop 1 (gear_l 0.203 ms; 2 warps 0.271, 4 warps 0.390), Triton's 2 (4 takes 1.5-1.7x as long)
 GLUON_WARPS, TRITON_WARPS = 1, 2
-GLUON_PROGRAMS, TRITON_PROGRAMS = 8, 16  # programs per SM (_num_splits): Gluon's, 255 registers x 32 threads, fit 8
+GLUON_PROGRAMS, TRITON_PROGRAMS = 8, 16  # programs per SM (_num_splits): Gluon's, 254 registers x 32 threads, fit 8
 
 
 def gluon_takes(spec_k, spec_v, gqa: int, num_warps: int, tile_tokens: int = 64) -> bool:
     """Whether the Gluon page loop covers a pool's format: no outliers, 2 or 4 bits, at least 8
     code words per row (its value layout puts words on 8 lanes), rank and value groups in the 8
-    extra columns, query rows in 16, each warp's tokens of a page inside one key group and taken
+    extra rows, query rows in 16, each warp's tokens of a page inside one key group and taken
     in whole 16-token steps."""
     bits, d, page = spec_k.bits, spec_k.head_dim, spec_k.tokens
     ng = d // spec_v.tile[1]

@@ -8,19 +8,28 @@ the algebra), arranged around mma_v2's register layouts:
 - the warps are the batch dimension of every product: each warp takes ``PAGE / warps`` tokens of
   each page, ``T`` at a time, and keeps its own running max and sums, merged once at the
   program's end (no reduction crosses warps per page; one warp per program is the fastest);
-- scores are transposed, ``s^T [16, T] = w [16, D] . key tile [D, T]``: their accumulator *is* the
-  A-operand layout of ``p [16, T]`` for ``p . V`` (FlashAttention-2's register reuse,
-  ``convert_layout(..., assert_trivial=True)`` proves it at compile time);
+- the codes are the A operands (rows: a tile's tokens for keys, channels for values) and the query
+  rows (heads x value groups, padded to 8 or 16) the N side: ``s [T, ROWS] = key tile [T, D] .
+  w^T [D, ROWS]``, ``o^T [D, ROWS] += V^T [D, T] . p [T, ROWS]``. No mma row is padding; with the
+  query as A operand (M = 16) 8 of its 16 rows were, doubling the tensor-core work, the exp2s and
+  the accumulators (H100, 16 x 16k gear_l: 1,423 -> 1,112 instructions per page, 0.137 -> 0.118 ms
+  per call). The price: scores come out with a lane holding one token and two rows, and ``p`` as
+  the next B operand needs one row and two tokens; :func:`c_to_b` moves each 8 x 8 block with one
+  PTX ``movmatrix``;
 - the packed codes are loaded straight into the layouts whose unpacking (:func:`key_unpack_layout`,
-  :func:`value_unpack_layout`) yields the B operands: one integer op makes an fp16 pair
+  :func:`value_unpack_layout`) yields the A operands: one integer op makes an fp16 pair
   ``1024 + code * step`` and the pair is what mma_v2 holds in one register (adjacent channels for
   keys, adjacent tokens for values). The channel order along the tiles is whatever that makes it
-  (:func:`key_channel`, :func:`value_channel`); the query, statistics and output follow it;
+  (:func:`key_channel`, :func:`value_channel`); the query, statistics and output follow it
+  (``convert_layout(..., assert_trivial=True)`` proves at compile time that no data moves);
 - every load's offsets are a lane part plus a register part (:func:`lane_reg`), so the register
   part is an immediate of the load instruction (H100, 16 x 16k gear_l: 1,790 -> 1,427
   instructions per page, 255 -> 245 registers, 0.146 -> 0.125 ms);
 - value minima ride with the low-rank factors as extra rank (``A = [A_v | vz]``,
-  ``B = [B_v | group indicator]``), ``sum p`` as a ones column beside them.
+  ``B = [B_v | group indicator]``), ``sum p`` as a ones row beside them;
+- every load of a tile is issued before the tile's branches (padding mask, lazy rescale), and the
+  factor rows beyond the rank are loaded unmasked (finite values that meet exact zeros): a masked
+  load costs a second instruction that zeroes its register first.
 
 Gluon has no interpreter: CPU tests compile this kernel for sm_90 (every trivial-layout assertion is
 checked then); what it computes is tested on CUDA.
@@ -258,6 +267,50 @@ def value_channel(n, D: gl.constexpr, BITS: gl.constexpr):
     return _channel(byte, s, D, PER), s
 
 
+@triton.constexpr_function
+def rows_for(n):
+    """Query rows (heads x value groups) padded to an mma_v2 N: 8 or 16."""
+    return 8 if n <= 8 else 16
+
+
+@gluon.jit
+def pack_pairs(x):
+    """fp16 ``[.., N]`` as int32 ``[.., N / 2]``, each word the pair (2i, 2i + 1), low half first."""
+    lo, hi = gl.split(gl.reshape(x, (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
+    return (lo.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) | (hi.to(gl.int16, bitcast=True).to(gl.int32) << 16)
+
+
+@gluon.jit
+def f16x2(lo, hi):
+    """fp32 ``lo``, ``hi`` as one fp16 pair per word: one ``cvt.rn.f16x2.f32`` (converting each
+    alone and packing takes three instructions)."""
+    return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], dtype=gl.int32,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def mul_f16x2(a, b):
+    return gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.int32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def c_to_b(w, lb: gl.constexpr):
+    """fp16 pairs ``[NW, M, N / 2]`` (:func:`pack_pairs`) in mma_v2's accumulator layout as the fp16
+    ``[NW, M, N]`` in the B-operand layout ``lb`` (M the reduction axis), for the next product. The
+    accumulator gives a lane one row and two columns of each 8 x 8 block, the B operand one column and
+    two rows: PTX ``movmatrix`` (one instruction per block and lane) swaps which lane holds what."""
+    NW: gl.constexpr = w.shape[0]
+    M: gl.constexpr = w.shape[1]
+    N: gl.constexpr = 2 * w.shape[2]
+    w = gl.inline_asm_elementwise("movmatrix.sync.aligned.m8n8.trans.b16 $0, $1;", "=r,r", [w], dtype=gl.int32,
+                                  is_pure=True, pack=1)
+    y = gl.join(w.to(gl.int16), (w >> 16).to(gl.int16)).to(gl.float16, bitcast=True)
+    # y[8i + a, 4c + b, e] is x[8i + 2b + e, 8c + a]
+    y = gl.permute(gl.reshape(y, (NW, M // 8, 8, N // 8, 4, 2)), (0, 1, 4, 5, 3, 2))
+    return gl.convert_layout(gl.reshape(y, (NW, M, N)), lb, assert_trivial=True)
+
+
 # -- kernel ----------------------------------------------------------------------------------
 @gluon.jit(do_not_specialize=["split_offset", "splits_total", "pages_per_split"])
 def pages_kernel(
@@ -273,6 +326,7 @@ def pages_kernel(
     NWORDS: gl.constexpr = D * BITS // 32
     NWLO: gl.constexpr = NWORDS // 4
     NG: gl.constexpr = D // G
+    ROWS: gl.constexpr = rows_for(GQA * NG)
     TOP: gl.constexpr = float(2 ** (BITS * (PER - 1)))
     C2: gl.constexpr = 1.4426950408889634 / TOP
     GROW: gl.constexpr = 8.0 / C2  # 2^8 in p, in the units of s (TOP times the scores)
@@ -288,35 +342,36 @@ def pages_kernel(
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NW, 1, 1], instr_shape=[1, 16, 8])
     la: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
     lb: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
-    rows_l: gl.constexpr = gl.SliceLayout(2, mma)
+    rows_l: gl.constexpr = gl.SliceLayout(1, mma)  # [NW, ROWS]: per query row
     KU: gl.constexpr = key_unpack_layout(NW, NWLO, PER, T)
     VU: gl.constexpr = value_unpack_layout(NW, T // 2, NWORDS, PER)
-    LB_AK: gl.constexpr = without(gl.to_linear_layout(lb, [NW, 16, T]), 1, 8)  # [NW, 8, T]: A_k^T's first 8 rows
-    LB_BV: gl.constexpr = without(gl.to_linear_layout(lb, [NW, 16, D]), 1, 8)  # [NW, 8, D]
-    LB_X: gl.constexpr = without(gl.to_linear_layout(lb, [NW, T, 16]), 2, 8)  # [NW, T, 8]
+    LA_AK: gl.constexpr = without(gl.to_linear_layout(la, [NW, T, 16]), 2, 8)  # [NW, T, 8]: A_k's first 8 columns
+    LA_BK: gl.constexpr = without(gl.to_linear_layout(la, [NW, 16, D]), 1, 8)  # [NW, 8, D]: B_k^T's first 8 rows
+    LA_X: gl.constexpr = without(gl.to_linear_layout(la, [NW, 16, T]), 1, 8)  # [NW, 8, T]
+    LA_BV: gl.constexpr = without(gl.to_linear_layout(la, [NW, D, 16]), 2, 8)  # [NW, D, 8]
 
     pid = gl.program_id(0)
     split = gl.program_id(1)
     b = pid // H_KV
     h = pid % H_KV
 
-    # query, [NW, 16, D] A operand, channels in the key tile's order, softmax-scaled
-    wa = along(NW, 0, la, 3)
-    ra = along(16, 1, la, 3)
-    ka = along(D, 2, la, 3)
-    chan_a, s_a = key_channel(ka, D, BITS)
-    q = gl.load(Q + b * stride_qb + (h * GQA + ra // NG) * stride_qh + chan_a + wa * 0,
-                mask=(ra < GQA * NG) & (wa >= 0), other=0.0)
+    # query, [NW, D, ROWS] B operand: channels in the key tile's order, rows (head, value group), softmax-scaled
+    wq = along(NW, 0, lb, 3)
+    kq = along(D, 1, lb, 3)
+    rq = along(ROWS, 2, lb, 3)
+    chan_q, s_q = key_channel(kq, D, BITS)
+    q = gl.load(Q + b * stride_qb + (h * GQA + rq // NG) * stride_qh + chan_q + wq * 0,
+                mask=(rq < GQA * NG) & (wq >= 0), other=0.0)
     q16 = (q.to(f32) * scale).to(f16)
-    wmul = (1 << (BITS * (PER - 1 - s_a))).to(f16)  # TOP / step: exact, a constant per register
-    wa2 = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(1, la)))
+    wmul = (1 << (BITS * (PER - 1 - s_q))).to(f16)  # TOP / step: exact, a constant per register
     # offsets of every load in two parts, lanes' and registers' (see lane_reg)
-    ka2_l, ka2_r = lane_reg(gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, la))),
-                            gl.to_linear_layout(gl.SliceLayout(1, la), [NW, D]), 1)
-    chan_a2_l, _ = key_channel(ka2_l, D, BITS)
-    chan_a2_r, _ = key_channel(ka2_r, D, BITS)
-    ks_lane = gl.expand_dims((wa2 * WT) // G * D, 1) + gl.expand_dims(chan_a2_l, 0)  # [NW, D]
-    ks_reg = gl.expand_dims(chan_a2_r, 0)
+    wq2 = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(2, lb)))
+    kq2_l, kq2_r = lane_reg(gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(2, lb))),
+                            gl.to_linear_layout(gl.SliceLayout(2, lb), [NW, D]), 1)
+    chan_q2_l, _ = key_channel(kq2_l, D, BITS)
+    chan_q2_r, _ = key_channel(kq2_r, D, BITS)
+    ks_lane = gl.expand_dims((wq2 * WT) // G * D, 1) + gl.expand_dims(chan_q2_l, 0)  # [NW, D]
+    ks_reg = gl.expand_dims(chan_q2_r, 0)
 
     # key tile: [NW, 4, NWLO, 2, PER, T]
     wk = along(NW, 0, KU, 6)
@@ -345,71 +400,77 @@ def pages_kernel(
     vb = 2 * lohi + selv
     val_bytes = vb * 0x0011 + (vb + 4) * 0x1100  # byte vb of the even token's word | of the odd one's
 
-    # key bias: [NW, D, 8] B operands
-    wb = along(NW, 0, lb, 3)
-    kb_ = along(D, 1, lb, 3)
-    nb8 = along(8, 2, lb, 3)
-    kb_l, kb_r = lane_reg(kb_, gl.to_linear_layout(lb, [NW, D, 8]), 1)
-    chan_b_l, _ = key_channel(kb_l, D, BITS)
-    chan_b_r, _ = key_channel(kb_r, D, BITS)
-    kz_lane = ((wb * WT) // G) * D + chan_b_l + nb8 * 0  # nb8: lanes only
-    neg_bias = gl.full([NW, D, 8], -1024.0 / TOP, f16, layout=lb)
-    ones = gl.full([NW, T, 8], 1.0, f16, layout=lb)
-    # low rank, key side: B_k [NW, D, 8] (columns < RANK), A_k^T [NW, 8, T] (rows < RANK)
-    bk_lane = chan_b_l * RANK + nb8 + wb * 0
-    bk_ok = (nb8 < RANK) & (kb_ >= 0)
-    wak = along(NW, 0, LB_AK, 3)
-    jak = along(8, 1, LB_AK, 3)
-    tak = along(T, 2, LB_AK, 3)
-    jak_l, jak_r = lane_reg(jak, LB_AK, 1)
-    tak_l, tak_r = lane_reg(tak, LB_AK, 2)
+    # key bias q.kz - 1024 / TOP sum(w): A operands [NW, 16, D] equal in every row, so the product
+    # is the bias of each query row in every row of the scores' tiles
+    wz = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(1, la)))
+    kz2_l, kz2_r = lane_reg(gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, la))),
+                            gl.to_linear_layout(gl.SliceLayout(1, la), [NW, D]), 1)
+    chan_z_l, _ = key_channel(kz2_l, D, BITS)
+    chan_z_r, _ = key_channel(kz2_r, D, BITS)
+    kz_lane = gl.expand_dims((wz * WT) // G * D, 1) + gl.expand_dims(chan_z_l, 0)  # [NW, D]
+    kz_reg = gl.expand_dims(chan_z_r, 0)
+    neg_bias = gl.full([NW, 16, D], -1024.0 / TOP, f16, layout=la)
+    ones = gl.full([NW, 16, T], 1.0, f16, layout=la)
+    # low rank, key side: A_k [NW, T, 8] (columns < RANK), B_k^T [NW, 8, D] (rows < RANK)
+    wak = along(NW, 0, LA_AK, 3)
+    tak = along(T, 1, LA_AK, 3)
+    jak = along(8, 2, LA_AK, 3)
+    tak_l, tak_r = lane_reg(tak, LA_AK, 1)
+    jak_l, jak_r = lane_reg(jak, LA_AK, 2)
     ak_lane = (wak * WT + tak_l) * RANK + jak_l
     ak_reg = tak_r * RANK + jak_r
     ak_ok = (jak < RANK) & (tak >= 0)
-    # value side: X [NW, T, 16] = [A_v | minima of the NG groups | 0 .. ; 1 | 0 ..] against p, and
-    # B_v^T [NW, 16, D] = [B_v * step ; group indicator * step ; 0]
-    wx = along(NW, 0, LB_X, 3)
-    tx = along(T, 1, LB_X, 3)
-    cx = along(8, 2, LB_X, 3)
-    tx_l, tx_r = lane_reg(tx, LB_X, 1)  # cx: lanes only
-    x_lane = gl.where(cx < RANK, (wx * WT + tx_l) * RANK + cx, (wx * WT + tx_l) * NG + (cx - RANK))
+    wbk = along(NW, 0, LA_BK, 3)
+    jbk = along(8, 1, LA_BK, 3)  # lanes only
+    kbk_l, kbk_r = lane_reg(along(D, 2, LA_BK, 3), LA_BK, 2)
+    chan_bk_l, _ = key_channel(kbk_l, D, BITS)
+    chan_bk_r, _ = key_channel(kbk_r, D, BITS)
+    bk_lane = chan_bk_l * RANK + gl.where(jbk < RANK, jbk, 0) + wbk * 0  # rows >= RANK: row 0 again, met by
+    bk_reg = chan_bk_r * RANK  # A_k's zero columns (finite values: no mask, no zeroing per load)
+    # value side: X^T [NW, 16, T] = [A_v^T ; minima of the NG groups ; 0 .. ; 1 ; 0 ..] against p, and
+    # B_v' [NW, D, 16] = [B_v * step | group indicator * step | 0]
+    wx = along(NW, 0, LA_X, 3)
+    cx = along(8, 1, LA_X, 3)  # lanes only
+    tx = along(T, 2, LA_X, 3)
+    tx_l, tx_r = lane_reg(tx, LA_X, 2)
+    x_lane = gl.where(cx < RANK, (wx * WT + tx_l) * RANK + cx, (wx * WT + tx_l) * NG + (cx - RANK) % NG)
     x_reg = tx_r * gl.where(cx < RANK, RANK, NG)  # constants where RANK == NG or RANK == 0
-    x_ok = cx < RANK + NG
+    # rows >= RANK + NG repeat a minimum: finite, and met by B_v''s zero columns (no mask)
     x_hi = gl.where((cx == 0) & (tx >= 0) & (wx >= 0), 1.0, 0.0).to(f16)
-    wbv = along(NW, 0, LB_BV, 3)
-    jbv = along(8, 1, LB_BV, 3)
-    nbv = along(D, 2, LB_BV, 3)
+    wbv = along(NW, 0, LA_BV, 3)
+    nbv = along(D, 1, LA_BV, 3)
+    jbv = along(8, 2, LA_BV, 3)
     chan_bv, s_bv = value_channel(nbv, D, BITS)
     step_bv = (1 << (BITS * s_bv)).to(f16)  # exact: a power of two
-    nbv_l, nbv_r = lane_reg(nbv, LB_BV, 2)
-    jbv_l, jbv_r = lane_reg(jbv, LB_BV, 1)
+    nbv_l, nbv_r = lane_reg(nbv, LA_BV, 1)
+    jbv_l, jbv_r = lane_reg(jbv, LA_BV, 2)
     chan_bv_l, _ = value_channel(nbv_l, D, BITS)
     chan_bv_r, _ = value_channel(nbv_r, D, BITS)
     bv_lane = chan_bv_l * RANK + jbv_l + wbv * 0
     bv_reg = chan_bv_r * RANK + jbv_r
     bv_ok = (jbv < RANK) & (nbv >= 0)
-    bv_grp = gl.where(chan_bv // G == jbv - RANK, step_bv, 0.0).to(f16)  # rows RANK + g: pz of group g
+    bv_grp = gl.where(chan_bv // G == jbv - RANK, step_bv, 0.0).to(f16)  # columns RANK + g: pz of group g
 
-    # softmax side, [NW, 16, T] accumulator layout
+    # softmax side, [NW, T, ROWS] accumulator layout
     wm = along(NW, 0, mma, 3)
-    rm = along(16, 1, mma, 3)
-    tm = along(T, 2, mma, 3)
+    tm = along(T, 1, mma, 3)
+    rm = along(ROWS, 2, mma, 3)
     tok_m = wm * WT + tm
-    tok_m_l, tok_m_r = lane_reg(tok_m, gl.to_linear_layout(mma, [NW, 16, T]), 2)
-    rm_l, rm_r = lane_reg(rm, gl.to_linear_layout(mma, [NW, 16, T]), 1)
+    tok_m_l, tok_m_r = lane_reg(tok_m, gl.to_linear_layout(mma, [NW, T, ROWS]), 1)
+    rm_l, rm_r = lane_reg(rm, gl.to_linear_layout(mma, [NW, T, ROWS]), 2)
     vs_lane = tok_m_l * NG + rm_l % NG
     vs_reg = tok_m_r * NG + rm_r % NG
-    col16 = along(16, 2, mma, 3)
+    x16 = along(16, 1, mma, 3)
 
     valid_from = gl.load(VALID_FROM + b)
     npages = gl.load(NPAGES + b)
     first = split * pages_per_split
     last = gl.minimum(first + pages_per_split, npages)
 
-    m_i = gl.full([NW, 16], float("-inf"), f32, layout=rows_l)
-    acc = gl.zeros([NW, 16, D], f32, layout=mma)
-    ps8 = gl.zeros([NW, 16, 8], f32, layout=mma)
-    y = gl.zeros([NW, 16, 16], f32, layout=mma)
+    m_i = gl.full([NW, ROWS], float("-inf"), f32, layout=rows_l)
+    acc = gl.zeros([NW, D, ROWS], f32, layout=mma)
+    ps = gl.zeros([NW, 16, ROWS], f32, layout=mma)
+    y = gl.zeros([NW, 16, ROWS], f32, layout=mma)
     KCw = KC.to(gl.pointer_type(gl.int32))
     VCw = VC.to(gl.pointer_type(gl.int32))
     lane = gl.arange(0, 32 * NW, layout=gl.BlockedLayout([1], [32], [NW], [0]))
@@ -419,87 +480,91 @@ def pages_kernel(
         ph_next = gl.load(TABLE + b * stride_tb + p + 1, mask=p + 1 < last, other=0).to(gl.int64) * H_KV + h
         _prefetch_page(lane, ph_next, KC, VC, KS, KZ, KA, KB, VS, VZ, VA, VB, CODESW * 4, KSTAT, VSTAT, LRA, LRB, RANK)
         pos0 = gl.load(POS + b * stride_tb + p)
-        # -- per page: w = q * ks * TOP / step, the key bias q.kz - 1024 / TOP sum(w), q.B_k
+        # -- per page: w = q * ks * TOP / step, the key bias, (q B_k)^T
         ks = load_pairs(KS + ph * KSTAT, ks_lane, ks_reg, ks_reg >= 0, 1)
-        ks = gl.expand_dims(gl.convert_layout(ks, gl.SliceLayout(1, la), assert_trivial=True), 1)
+        ks = gl.expand_dims(gl.convert_layout(ks, gl.SliceLayout(2, lb), assert_trivial=True), 2)
         w16 = q16 * (ks * wmul)
-        kz = load_pairs(KZ + ph * KSTAT, kz_lane, chan_b_r, chan_b_r >= 0, 1)
-        kz = gl.convert_layout(kz, lb, assert_trivial=True)
-        kbias = mma_v2(w16, neg_bias, mma_v2(q16, kz, gl.zeros([NW, 16, 8], f32, layout=mma)))
-        kbias = gl.expand_dims(gl.max(kbias, axis=2) * TOP, 2) + gl.zeros([NW, 16, T], f32, layout=mma)
+        kz = load_pairs(KZ + ph * KSTAT, kz_lane, kz_reg, kz_reg >= 0, 1)
+        kz, nb = gl.broadcast(gl.expand_dims(gl.convert_layout(kz, gl.SliceLayout(1, la), assert_trivial=True), 1),
+                              neg_bias)
+        kbias = mma_v2(nb, w16, mma_v2(kz, q16, gl.zeros([NW, 16, ROWS], f32, layout=mma))) * TOP
+        for _r in gl.static_range(log2(T // 16)):  # the same bias in every 16-token row block of the tile
+            kbias = stack(kbias, kbias, 1)
+        kbias = gl.convert_layout(kbias, mma, assert_trivial=True)
+        bv = load_pairs(VB + ph * LRB, bv_lane, bv_reg, bv_ok, 2, RANK % 2 == 0)
         if RANK > 0:
-            bk = gl.load(KB + ph * LRB + bk_lane + chan_b_r * RANK, mask=bk_ok, other=0.0)
-            qb = (mma_v2(q16, bk, gl.zeros([NW, 16, 8], f32, layout=mma)) * TOP).to(f16)
-            qb = gl.convert_layout(stack(qb, gl.zeros_like(qb), 2), la, assert_trivial=True)
+            bk = gl.load(KB + ph * LRB + bk_lane + bk_reg)
+            bk = gl.convert_layout(stack(bk, gl.zeros_like(bk), 1), la, assert_trivial=True)
+            qb = c_to_b(pack_pairs((mma_v2(bk, q16, gl.zeros([NW, 16, ROWS], f32, layout=mma)) * TOP).to(f16)), lb)
         for i in gl.static_range(WT // T):  # tiles of T tokens (fewer live registers than the whole page)
-            # -- scores, transposed: s^T [16, T] = w [16, D] . key tile [D, T] (+ q B_k A_k^T)
+            # -- scores: s [T, ROWS] = key tile [T, D] . w^T [D, ROWS] (+ A_k (q B_k)^T)
+            # every load of the tile first: none waits behind the branches below
+            kw = gl.load(KCw + ph * CODESW + i * T * NWORDS + key_lane + key_reg)
+            we = gl.load(VCw + ph * CODESW + i * T * NWORDS + val_lane + val_reg)
+            wo = gl.load(VCw + ph * CODESW + i * T * NWORDS + val_lane + (val_reg + NWORDS))
+            vs = load_pairs(VS + ph * VSTAT + i * T * NG, vs_lane, vs_reg, vs_reg >= 0, 2, NG > 1)
+            x_base = gl.where(cx < RANK, VA + ph * LRA + i * T * RANK, VZ + ph * VSTAT + i * T * NG)  # per lane
+            xlo = gl.load(x_base + x_lane + x_reg)
             c = kbias
             if RANK > 0:
-                akt = load_pairs(KA + ph * LRA + i * T * RANK, ak_lane, ak_reg, ak_ok, 1, RANK % 2 == 0)
-                akt = gl.convert_layout(stack(akt, gl.zeros_like(akt), 1), lb, assert_trivial=True)
-                c = mma_v2(qb, akt, c)
-            kw = gl.load(KCw + ph * CODESW + i * T * NWORDS + key_lane + key_reg)
+                ak = load_pairs(KA + ph * LRA + i * T * RANK, ak_lane, ak_reg, ak_ok, 2, RANK % 2 == 0)
+                ak = gl.convert_layout(stack(ak, gl.zeros_like(ak), 2), la, assert_trivial=True)
+                c = mma_v2(ak, qb, c)
             kt = _fp16_pairs(_bytes(kw, kw, key_bytes), key_mask)
-            kt = gl.convert_layout(gl.reshape(gl.permute(kt, (0, 4, 3, 2, 1, 6, 5)), (NW, D, T)), lb,
+            kt = gl.convert_layout(gl.reshape(gl.permute(kt, (0, 5, 4, 3, 2, 1, 6)), (NW, T, D)), la,
                                    assert_trivial=True)
-            s = mma_v2(w16, kt, c)  # TOP times the scores
+            s = mma_v2(kt, w16, c)  # TOP times the scores
             if pos0 < valid_from:  # a page that holds left padding (a branch the whole program takes or skips)
                 s = gl.where(pos0 + i * T + tok_m >= valid_from, s, float("-inf"))
             # -- online softmax, per warp. The running max moves only when a row's grows by more
             # than 2^8 (FlashAttention-4's lazy rescaling): p stays <= 256, exact in fp16, and most
             # tiles leave the accumulators as they are.
-            m_tile = gl.max(s, axis=2)
+            m_tile = gl.max(s, axis=1)
             if gl.max(gl.max(gl.where(m_tile > m_i + GROW, 1, 0), axis=1), axis=0) > 0:
                 m_new = gl.maximum(m_i, m_tile)
-                alpha = gl.expand_dims(gl.exp2((m_i - gl.where(m_new == float("-inf"), 0.0, m_new)) * C2), 2)
+                alpha = gl.expand_dims(gl.exp2((m_i - gl.where(m_new == float("-inf"), 0.0, m_new)) * C2), 1)
                 acc = acc * alpha
-                ps8 = ps8 * alpha
+                ps = ps * alpha
                 y = y * alpha
                 m_i = m_new
             m_safe = gl.where(m_i == float("-inf"), 0.0, m_i)
-            p16 = gl.exp2(s * C2 - gl.expand_dims(m_safe * C2, 2)).to(f16)
-            vs = gl.load(VS + ph * VSTAT + i * T * NG + vs_lane + vs_reg)
-            pv16 = gl.convert_layout(p16 * vs, la, assert_trivial=True)
-            p16 = gl.convert_layout(p16, la, assert_trivial=True)
-            # -- p.V: value tile [T, D], pairs along tokens
-            we = gl.load(VCw + ph * CODESW + i * T * NWORDS + val_lane + val_reg)
-            wo = gl.load(VCw + ph * CODESW + i * T * NWORDS + val_lane + (val_reg + NWORDS))
+            pe, po = gl.split(gl.reshape(gl.exp2(s * C2 - gl.expand_dims(m_safe * C2, 1)), (NW, T, ROWS // 2, 2)))
+            pk = f16x2(pe, po)
+            pv16 = c_to_b(mul_f16x2(pk, pack_pairs(vs)), lb)
+            p16 = c_to_b(pk, lb)
+            # -- V^T p: value tile [D, T], pairs along tokens
             vt = _fp16_pairs(_bytes(we, wo, val_bytes), val_mask)
-            vt = gl.convert_layout(gl.reshape(gl.permute(vt, (0, 1, 6, 5, 4, 3, 2)), (NW, T, D)), lb,
+            vt = gl.convert_layout(gl.reshape(gl.permute(vt, (0, 5, 4, 3, 2, 1, 6)), (NW, D, T)), la,
                                    assert_trivial=True)
-            acc = mma_v2(pv16, vt, acc)
-            ps8 = mma_v2(pv16, ones, ps8)
-            x_base = gl.where(cx < RANK, VA + ph * LRA + i * T * RANK, VZ + ph * VSTAT + i * T * NG)  # per lane
-            xlo = gl.load(x_base + x_lane + x_reg, mask=x_ok, other=0.0)
-            xm = gl.convert_layout(stack(xlo, x_hi, 2), lb, assert_trivial=True)
-            y = mma_v2(p16, xm, y)
-        # the page's low-rank part and value minima: (p X)[:, :8] B^T, then those columns restart
-        bv = load_pairs(VB + ph * LRB, bv_lane, bv_reg, bv_ok, 1, RANK % 2 == 0)
-        bv = bv * step_bv + bv_grp  # rows < RANK: B_v; rows RANK + g: group g (each zero in the other's rows)
-        bv = gl.convert_layout(stack(bv, gl.zeros_like(bv), 1), lb, assert_trivial=True)
-        ylo = gl.convert_layout(gl.where(col16 < 8, y, 0.0).to(f16), la, assert_trivial=True)
-        acc = mma_v2(ylo, bv, acc)
-        y = gl.where(col16 < 8, 0.0, y)
+            acc = mma_v2(vt, pv16, acc)
+            ps = mma_v2(ones, pv16, ps)
+            xm = gl.convert_layout(stack(xlo, x_hi, 1), la, assert_trivial=True)
+            y = mma_v2(xm, p16, y)
+        # the page's low-rank part and value minima: B_v' (X^T p)[:8], then those rows restart
+        bv = bv * step_bv + bv_grp  # columns < RANK: B_v; columns RANK + g: group g (each zero in the other's)
+        bv = gl.convert_layout(stack(bv, gl.zeros_like(bv), 2), la, assert_trivial=True)
+        acc = mma_v2(bv, c_to_b(pack_pairs(gl.where(x16 < 8, y, 0.0).to(f16)), lb), acc)
+        y = gl.where(x16 < 8, 0.0, y)
 
     # per warp: o = (acc - 1024 sum p') / step, then the warps merge
-    ps_r = gl.max(ps8, axis=2)
-    l_r = gl.sum(gl.where(col16 == 8, y, 0.0), axis=2)
-    nm = along(D, 2, mma, 3)
+    ps_r = gl.max(ps, axis=1)
+    l_r = gl.sum(gl.where(x16 == 8, y, 0.0), axis=1)
+    nm = along(D, 1, mma, 3)
     _, s_m = value_channel(nm, D, BITS)
-    o = (acc - 1024.0 * gl.expand_dims(ps_r, 2)) / gl.exp2((BITS * s_m).to(f32))
+    o = (acc - 1024.0 * gl.expand_dims(ps_r, 1)) / gl.exp2((BITS * s_m).to(f32))
     m_all = gl.max(m_i, axis=0)
     m_all_safe = gl.where(m_all == float("-inf"), 0.0, m_all)
     sc = gl.exp2((m_i - gl.expand_dims(m_all_safe, 0)) * C2)
-    o = gl.sum(o * gl.expand_dims(sc, 2), axis=0)  # [16, D]
-    l_all = gl.sum(l_r * sc, axis=0)  # [16]
+    o = gl.sum(o * gl.expand_dims(sc, 1), axis=0)  # [D, ROWS]
+    l_all = gl.sum(l_r * sc, axis=0)  # [ROWS]
     out_l: gl.constexpr = gl.SliceLayout(0, mma)
-    r2 = gl.arange(0, 16, layout=gl.SliceLayout(1, out_l))
-    n2 = gl.arange(0, D, layout=gl.SliceLayout(0, out_l))
+    n2 = gl.arange(0, D, layout=gl.SliceLayout(1, out_l))
+    r2 = gl.arange(0, ROWS, layout=gl.SliceLayout(0, out_l))
     chan2, _ = value_channel(n2, D, BITS)
     out2 = (b * (H_KV * GQA) + h * GQA + r2 // NG) * splits_total + split_offset + split
-    ok2 = gl.expand_dims(r2 < GQA * NG, 1) & (gl.expand_dims(chan2 // G, 0) == gl.expand_dims(r2 % NG, 1))
-    gl.store(ACC_OUT + gl.expand_dims(out2, 1) * D + gl.expand_dims(chan2, 0), o, mask=ok2)
-    r1 = gl.arange(0, 16, layout=gl.SliceLayout(0, rows_l))
+    ok2 = gl.expand_dims(r2 < GQA * NG, 0) & (gl.expand_dims(chan2 // G, 1) == gl.expand_dims(r2 % NG, 0))
+    gl.store(ACC_OUT + gl.expand_dims(out2, 0) * D + gl.expand_dims(chan2, 1), o, mask=ok2)
+    r1 = gl.arange(0, ROWS, layout=gl.SliceLayout(0, rows_l))
     out1 = (b * (H_KV * GQA) + h * GQA + r1 // NG) * splits_total + split_offset + split
     ok1 = (r1 < GQA * NG) & (r1 % NG == 0)
     gl.store(M_OUT + out1, m_all / TOP, mask=ok1)
