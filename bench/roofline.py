@@ -2,8 +2,8 @@
 METHOD.md (bytes over the measured copy bandwidth, FLOPs over the units' rates), the time the SMs
 need just to issue the page loop's instructions (bench/sass_report.py), and the measured kernel.
 
-    python bench/roofline.py bench/results/kernels-h100-2026-11-23.json \\
-        bench/results/sass-cpu-2026-11-23-sm90-triton3.6.0.json
+    python bench/roofline.py bench/results/kernels-h100-2026-11-24.json \\
+        bench/results/sass-cpu-2026-11-24-sm90-triton3.6.0.json
 
 FLOPs: q.K^T and p.V on the tensor cores (4 B Hq T D), dequantisation as one FMA per K and V
 element on the CUDA cores (4 B Hkv T D), the rank-r products (4 B Hq T r). Issue time: every page
