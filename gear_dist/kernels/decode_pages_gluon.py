@@ -12,8 +12,8 @@ the algebra), arranged around mma_v2's register layouts:
   rows (heads x value groups, padded to 8 or 16) the N side: ``s [T, ROWS] = key tile [T, D] .
   w^T [D, ROWS]``, ``o^T [D, ROWS] += V^T [D, T] . p [T, ROWS]``. No mma row is padding; with the
   query as A operand (M = 16) 8 of its 16 rows were, doubling the tensor-core work, the exp2s and
-  the accumulators (H100, 16 x 16k gear_l: 1,423 -> 1,112 instructions per page, 0.137 -> 0.118 ms
-  per call). The price: scores come out with a lane holding one token and two rows, and ``p`` as
+  the accumulators (H100, 16 x 16k gear_l: 1,423 -> 1,112 instructions per page, 0.137 -> 0.119 ms
+  GPU time per call). The price: scores come out with a lane holding one token and two rows, and ``p`` as
   the next B operand needs one row and two tokens; :func:`c_to_b` moves each 8 x 8 block with one
   PTX ``movmatrix``;
 - the packed codes are loaded straight into the layouts whose unpacking (:func:`key_unpack_layout`,
@@ -290,6 +290,7 @@ def f16x2(lo, hi):
 
 @gluon.jit
 def mul_f16x2(a, b):
+    """Products of fp16 pairs, a word each: one ``mul.rn.f16x2``."""
     return gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.int32, is_pure=True,
                                      pack=1)
 
@@ -309,6 +310,18 @@ def c_to_b(w, lb: gl.constexpr):
     # y[8i + a, 4c + b, e] is x[8i + 2b + e, 8c + a]
     y = gl.permute(gl.reshape(y, (NW, M // 8, 8, N // 8, 4, 2)), (0, 1, 4, 5, 3, 2))
     return gl.convert_layout(gl.reshape(y, (NW, M, N)), lb, assert_trivial=True)
+
+
+@gluon.jit
+def key_stat_offsets(layout: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr,
+                     WT: gl.constexpr, G: gl.constexpr):
+    """Offsets of a page's per-channel key statistics as ``[NW, D]`` in ``layout`` (each warp's key
+    group, channels in the key tile's order), as lane and register parts (:func:`lane_reg`)."""
+    w = gl.arange(0, NW, layout=gl.SliceLayout(1, layout))
+    k_l, k_r = lane_reg(gl.arange(0, D, layout=gl.SliceLayout(0, layout)), gl.to_linear_layout(layout, [NW, D]), 1)
+    chan_l, _ = key_channel(k_l, D, BITS)
+    chan_r, _ = key_channel(k_r, D, BITS)
+    return gl.expand_dims((w * WT) // G * D, 1) + gl.expand_dims(chan_l, 0), gl.expand_dims(chan_r, 0)
 
 
 # -- kernel ----------------------------------------------------------------------------------
@@ -365,13 +378,7 @@ def pages_kernel(
     q16 = (q.to(f32) * scale).to(f16)
     wmul = (1 << (BITS * (PER - 1 - s_q))).to(f16)  # TOP / step: exact, a constant per register
     # offsets of every load in two parts, lanes' and registers' (see lane_reg)
-    wq2 = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(2, lb)))
-    kq2_l, kq2_r = lane_reg(gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(2, lb))),
-                            gl.to_linear_layout(gl.SliceLayout(2, lb), [NW, D]), 1)
-    chan_q2_l, _ = key_channel(kq2_l, D, BITS)
-    chan_q2_r, _ = key_channel(kq2_r, D, BITS)
-    ks_lane = gl.expand_dims((wq2 * WT) // G * D, 1) + gl.expand_dims(chan_q2_l, 0)  # [NW, D]
-    ks_reg = gl.expand_dims(chan_q2_r, 0)
+    ks_lane, ks_reg = key_stat_offsets(gl.SliceLayout(2, lb), NW, D, BITS, WT, G)
 
     # key tile: [NW, 4, NWLO, 2, PER, T]
     wk = along(NW, 0, KU, 6)
@@ -402,13 +409,7 @@ def pages_kernel(
 
     # key bias q.kz - 1024 / TOP sum(w): A operands [NW, 16, D] equal in every row, so the product
     # is the bias of each query row in every row of the scores' tiles
-    wz = gl.arange(0, NW, layout=gl.SliceLayout(1, gl.SliceLayout(1, la)))
-    kz2_l, kz2_r = lane_reg(gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, la))),
-                            gl.to_linear_layout(gl.SliceLayout(1, la), [NW, D]), 1)
-    chan_z_l, _ = key_channel(kz2_l, D, BITS)
-    chan_z_r, _ = key_channel(kz2_r, D, BITS)
-    kz_lane = gl.expand_dims((wz * WT) // G * D, 1) + gl.expand_dims(chan_z_l, 0)  # [NW, D]
-    kz_reg = gl.expand_dims(chan_z_r, 0)
+    kz_lane, kz_reg = key_stat_offsets(gl.SliceLayout(1, la), NW, D, BITS, WT, G)
     neg_bias = gl.full([NW, 16, D], -1024.0 / TOP, f16, layout=la)
     ones = gl.full([NW, 16, T], 1.0, f16, layout=la)
     # low rank, key side: A_k [NW, T, 8] (columns < RANK), B_k^T [NW, 8, D] (rows < RANK)
