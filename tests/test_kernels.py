@@ -70,7 +70,9 @@ def test_rows_beyond_sixteen_and_any_warps(seed):
 
 
 GLUON = [("kivi", {}), ("gear_l", {}), ("gear_l", dict(bits=4)), ("gear_l", dict(group_size=32, rank=3)),
-         ("gear_l", dict(rank=3, rank_prefill=3))]  # odd rank in 64-token pages: factor rows not 4-byte aligned
+         ("gear_l", dict(rank=3, rank_prefill=3)),  # odd rank in 64-token pages: factor rows not 4-byte aligned
+         ("gear", {}), ("gear", dict(bits=4, outlier_ratio=0.05)),  # outliers: 2 or 6 per row
+         ("gear", dict(rank=3, rank_prefill=3, outlier_ratio=0.05))]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="Gluon has no interpreter: its page loop runs on CUDA only "
@@ -112,7 +114,7 @@ def test_reg_bits_refuses_bits_that_registers_and_lanes_share():
 
 
 def test_page_kernel_choice_is_checked(seed):
-    cfg = CompressionConfig.preset("gear", **SMALL)  # outliers: Gluon's loop does not take them
+    cfg = CompressionConfig.preset("gear", **SMALL)  # d=64: too few code words per row for Gluon's loop
     kv = _filled_layer(cfg, batch=1, heads=1, tokens=70, d=64, pad=[0]).paged()
     q = torch.randn(1, 4, 64, device=DEVICE, dtype=DTYPE)
     with pytest.raises(ValueError, match="^page_kernel: 'gluon'"):
@@ -258,8 +260,7 @@ def test_kernels_compile_for_hopper():
     import sys
 
     # every branch once: outliers + low rank, 3-bit codes that straddle bytes in bf16 (Triton's page
-    # loop); low rank and codes only, 2 and 4 bits (Gluon's, whose layout assertions hold only if it compiles)
-    pages = {"gear": "_pages_kernel", "gear_l": "pages_kernel", "kivi": "pages_kernel"}
+    # loop); outliers, low rank, codes only, 2 and 4 bits (Gluon's, whose layout assertions hold only if it compiles)
     variants = [("gear", {}, "float16"), ("gear", {"bits": 3}, "bfloat16"), ("kivi", {"bits": 4}, "float16"),
                 ("gear_l", {}, "bfloat16")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"GEAR_DIST_KERNELS": "on"}
@@ -268,8 +269,9 @@ def test_kernels_compile_for_hopper():
     assert run.returncode == 0, run.stderr[-4000:]
     compiled = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(compiled) == len(variants)
-    for (name, _, _), names in zip(variants, compiled.values()):  # K and V of the prompt's pages, one pages
-        assert names == ["_compress_kernel"] * 2 + [pages[name], "_combine_kernel"], names  # launch, the merge
+    for (_, overrides, _), names in zip(variants, compiled.values()):  # K and V of the prompt's pages, one
+        pages = "_pages_kernel" if overrides.get("bits") == 3 else "pages_kernel"  # pages launch, the merge
+        assert names == ["_compress_kernel"] * 2 + [pages, "_combine_kernel"], names
 
 
 def test_sass_report_counts_the_widest_loop():
@@ -303,7 +305,7 @@ def test_sass_report_on_the_decode_kernel(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     rows = json.loads(next(tmp_path.glob("sass-*.json")).read_text())["rows"]
     assert [r["kernel"] for r in rows] == ["_compress_kernel (keys)", "_compress_kernel (values)", "pages_kernel",
-                                           "_combine_kernel"]  # Gluon's page loop (no outliers)
+                                           "_combine_kernel"]  # Gluon's page loop
     pages = rows[2]
     assert 0 < pages["loop_instructions"] < pages["instructions"]
     assert {"HMMA", "LOP3"} <= set(pages["loop_top_ops"])

@@ -426,15 +426,17 @@ GLUON_PROGRAMS, TRITON_PROGRAMS = 8, 16  # programs per SM (_num_splits): Gluon'
 
 
 def gluon_takes(spec_k, spec_v, gqa: int, num_warps: int, tile_tokens: int = 64) -> bool:
-    """Whether the Gluon page loop covers a pool's format: no outliers, 2 or 4 bits, at least 8
-    code words per row (its value layout puts words on 8 lanes), rank and value groups in the 8
-    extra rows, query rows in 16, each warp's tokens of a page inside one key group and taken
-    in whole 16-token steps."""
+    """Whether the Gluon page loop covers a pool's format: 2 or 4 bits, at least 8 code words per
+    row (its value layout puts words on 8 lanes), rank and value groups in the 8 extra rows, query
+    rows in 16, each warp's tokens of a page inside one key group and taken in whole 16-token
+    steps, outlier positions in one byte and their shared scratch within a launch's 48 KB."""
     bits, d, page = spec_k.bits, spec_k.head_dim, spec_k.tokens
     ng = d // spec_v.tile[1]
     per_warp = page // num_warps
     tile = min(tile_tokens, per_warp)
-    return (decode_pages_gluon is not None and spec_k.outliers_per_side == 0 and spec_v.outliers_per_side == 0
+    outliers = spec_k.outliers_per_side * 2, spec_v.outliers_per_side * 2
+    return (decode_pages_gluon is not None and spec_k.rows[1] <= 256 and spec_v.rows[1] <= 256
+            and decode_pages_gluon.scratch_fits(d, gqa, ng, num_warps, per_warp, *outliers)
             and bits in (2, 4) and d * bits // 32 >= 8 and spec_k.rank + ng <= 8 and gqa * ng <= 16
             and page % num_warps == 0 and spec_k.tile[0] % per_warp == 0 and tile % 16 == 0
             and per_warp % tile == 0)
@@ -505,12 +507,12 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         tail = (table, pos, npages, kv.valid_from, table.stride(0),
                 m, lsum, acc, offset, splits_total, -(-maxp // splits))  # a runtime value: no compile per length
         shape = dict(H_KV=h_kv, GQA=gqa, D=d, BITS=spec_k.bits, PAGE=spec_k.tokens, G=spec_k.tile[0], RANK=rank)
+        args = (*head, *key, sk.get("outlier_values", blank), sk.get("outlier_index", blank),
+                *value, sv.get("outlier_values", blank), sv.get("outlier_index", blank), *tail)
         if gluon:
-            launch(decode_pages_gluon.pages_kernel, (bsz * h_kv, splits), (*head, *key, *value, *tail), **shape,
+            launch(decode_pages_gluon.pages_kernel, (bsz * h_kv, splits), args, **shape, KO=ko, VO=vo,
                    NW=warps, T=min(tile_tokens, spec_k.tokens // warps), num_warps=warps, maxnreg=maxnreg)
         else:
-            args = (*head, *key, sk.get("outlier_values", blank), sk.get("outlier_index", blank),
-                    *value, sv.get("outlier_values", blank), sv.get("outlier_index", blank), *tail)
             launch(_pages_kernel, (bsz * h_kv, splits), args, **shape,
                 M_PAD=max(16, _next_pow2(gqa * ng)), R_PAD=max(16, _next_pow2(rank)),
                 KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]), E_PAD=max(16, _next_pow2(ng + 1)),

@@ -324,15 +324,128 @@ def key_stat_offsets(layout: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, BI
     return gl.expand_dims((w * WT) // G * D, 1) + gl.expand_dims(chan_l, 0), gl.expand_dims(chan_r, 0)
 
 
+@triton.constexpr_function
+def scratch(D, GQA, NG, NW, WT, KO, VO):
+    """Bytes of the shared scratch for outliers (0 without): q (times TOP) by channel and head; per warp 3
+    rotating buffers of key corrections by token and head, a tile's p . S_v by channel and row (two
+    words each, add_split); 16 bytes where lanes with nothing to add add, and read a zero. Returns
+    (q's bytes, a correction buffer's, a warp's, the whole)."""
+    if KO + VO == 0:
+        return 0, 0, 0, 0
+    qs = D * GQA * 4 if KO else 0
+    corr = WT * GQA * 4 if KO else 0
+    per_warp = 3 * corr + (D * rows_for(GQA * NG) * 8 if VO else 0)
+    return qs, corr, per_warp, qs + NW * per_warp + 16
+
+
+def scratch_fits(D, GQA, NG, NW, WT, KO, VO) -> bool:
+    """Whether the scratch and, with several warps, the shared memory through which Triton merges
+    their partial outputs (NW x D x rows fp32) fit the 48 KB a launch gets without opting in (H100:
+    4 warps of 2-bit gear, 38 + 16 KB, fail to launch)."""
+    merge = NW * D * rows_for(GQA * NG) * 4 if NW > 1 and KO + VO else 0
+    return scratch(D, GQA, NG, NW, WT, KO, VO)[3] + merge <= 48 * 1024
+
+
+@triton.constexpr_function
+def _declare_shared(nbytes):
+    return f".shared .align 16 .b8 gear_scatter[{nbytes}];\n\tmov.u32 $0, gear_scatter;"
+
+
+@gluon.jit
+def shared_scratch(NBYTES: gl.constexpr, lane):
+    """The shared-space address of ``NBYTES`` of shared memory that PTX declares, for the per-element
+    stores, loads and atomic adds below (Gluon in Triton 3.6 offers none of them, and its own
+    allocations have no address to hand to PTX). ``lane``: one element per thread, so that the
+    declaration is emitted once."""
+    return gl.max(gl.inline_asm_elementwise(_declare_shared(NBYTES), "=r,r", [lane * 0], dtype=gl.int32,
+                                            is_pure=True, pack=1), axis=0)
+
+
+@gluon.jit
+def st_shared(addr, x):
+    return gl.inline_asm_elementwise("st.shared.f32 [$1], $2;\n\tmov.b32 $0, 0;", "=r,r,f", [addr, x],
+                                     dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def ld_shared(addr):
+    return gl.inline_asm_elementwise("ld.shared.f32 $0, [$1];", "=f,r", [addr], dtype=gl.float32, is_pure=False,
+                                     pack=1)
+
+
+# Sums in shared memory are integers: of its atomic adds sm_90 runs only the 32-bit integer one
+# natively (fp32, fp16x2, bf16x2 and 64-bit adds are compare-and-swap loops, a branch each).
+@gluon.jit
+def add_fixed(addr, x):
+    """``*addr += x`` atomically, in steps of 2^-10 (+-2^21): a key's score correction, TOP times the score."""
+    return gl.inline_asm_elementwise("{ .reg .s32 t; cvt.rni.s32.f32 t, $2; red.shared.add.u32 [$1], t; }\n\t"
+                                     "mov.b32 $0, 0;", "=r,r,f", [addr, x * 1024.0], dtype=gl.int32,
+                                     is_pure=False, pack=1)
+
+
+@gluon.jit
+def get_fixed(addr):
+    return gl.inline_asm_elementwise("{ .reg .s32 t; ld.shared.s32 t, [$1]; cvt.rn.f32.s32 $0, t; }", "=f,r",
+                                     [addr], dtype=gl.float32, is_pure=False, pack=1) * (1.0 / 1024.0)
+
+
+@gluon.jit
+def add_split(addr, x):
+    """``*addr += x`` atomically as two integers, ``x = 16 h + l / 4096`` with h toward zero (|l| < 2^16):
+    range +-2^35 and steps of 2^-12, for p . S_v, where p <= 256 meets any fp16 value."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .s32 h, l; .reg .f32 q, r; mul.f32 q, $2, 0f3D800000; cvt.rzi.s32.f32 h, q; cvt.rn.f32.s32 q, h; "
+        "fma.rn.f32 r, q, 0fC1800000, $2; mul.f32 r, r, 0f45800000; cvt.rni.s32.f32 l, r; "
+        "red.shared.add.u32 [$1], h; red.shared.add.u32 [$1+4], l; }\n\tmov.b32 $0, 0;", "=r,r,f", [addr, x],
+        dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def take_split(addr):
+    """The sum at ``addr`` (:func:`add_split`), and zero left there."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .s32 h, l, z; .reg .f32 a, b; ld.shared.v2.s32 {h, l}, [$1]; mov.b32 z, 0; "
+        "st.shared.v2.u32 [$1], {z, z}; cvt.rn.f32.s32 a, h; cvt.rn.f32.s32 b, l; mul.f32 b, b, 0f39800000; "
+        "fma.rn.f32 $0, a, 0f41800000, b; }", "=f,r", [addr], dtype=gl.float32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def fold_split(acc, at, step, lane):
+    """acc + the sums at ``at`` (:func:`add_split`; ``step``: acc's unit per channel), zeroing them."""
+    warp_sync(lane)
+    acc = acc + take_split(at) * step
+    warp_sync(lane)
+    return acc
+
+
+FOLD_PAGES: gl.constexpr = gl.constexpr(16)  # pages between folds of p . S_v into acc: the words of
+# add_split stay within 32 bits for any fp16 outlier (h: 64 tokens x 256 x 65504 / 16 < 2^26 a page)
+
+
+@gluon.jit
+def warp_sync(lane):
+    """``bar.warp.sync``: the warp's shared-memory writes before it are seen by its lanes after it."""
+    return gl.inline_asm_elementwise("bar.warp.sync -1;\n\tmov.b32 $0, 0;", "=r,r", [lane], dtype=gl.int32,
+                                     is_pure=False, pack=1)
+
+
+@gluon.jit
+def zero_shared(base, NWORDS: gl.constexpr, lane, sink):
+    """Zero ``NWORDS`` 4-byte words at each warp's ``base`` (``lane``: the warp's lanes, one element each)."""
+    for k in gl.static_range(triton.cdiv(NWORDS, 32)):
+        i = k * 32 + lane % 32
+        st_shared(gl.where(i < NWORDS, base + i * 4, sink), gl.zeros_like(lane).to(gl.float32))
+
+
 # -- kernel ----------------------------------------------------------------------------------
 @gluon.jit(do_not_specialize=["split_offset", "splits_total", "pages_per_split"])
 def pages_kernel(
     Q, stride_qb, stride_qh, scale,
-    KC, KS, KZ, KA, KB, VC, VS, VZ, VA, VB,
+    KC, KS, KZ, KA, KB, KOV, KOI, VC, VS, VZ, VA, VB, VOV, VOI,
     TABLE, POS, NPAGES, VALID_FROM, stride_tb,
     M_OUT, L_OUT, ACC_OUT, split_offset, splits_total, pages_per_split,
     H_KV: gl.constexpr, GQA: gl.constexpr, D: gl.constexpr, BITS: gl.constexpr, PAGE: gl.constexpr,
-    G: gl.constexpr, RANK: gl.constexpr, NW: gl.constexpr, T: gl.constexpr,
+    G: gl.constexpr, RANK: gl.constexpr, KO: gl.constexpr, VO: gl.constexpr, NW: gl.constexpr, T: gl.constexpr,
 ):
     WT: gl.constexpr = PAGE // NW  # a warp's tokens of each page, taken T at a time
     PER: gl.constexpr = 8 // BITS
@@ -349,6 +462,16 @@ def pages_kernel(
     LRA: gl.constexpr = PAGE * RANK
     LRB: gl.constexpr = D * RANK
     MASK: gl.constexpr = ((1 << BITS) - 1) * 0x00010001
+    # outliers (KO per key row: a channel along a key group's tokens; VO per value row: a token) go
+    # through shared memory: q (times TOP) by channel and head; per warp 3 rotating buffers of key
+    # corrections by token and head (added to the scores), and a tile's p . S_v by channel and row
+    # (added to acc); sums as integers (add_fixed, add_split)
+    KOUT: gl.constexpr = PAGE // G * D * KO
+    VOUT: gl.constexpr = PAGE * VO
+    QS: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)[0]
+    CORR: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)[1]
+    PER_WARP: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)[2]
+    SINK: gl.constexpr = QS + NW * PER_WARP  # 8 bytes added to where a lane has nothing to add, then 8 zero ones
     f16: gl.constexpr = gl.float16
     f32: gl.constexpr = gl.float32
 
@@ -475,6 +598,31 @@ def pages_kernel(
     KCw = KC.to(gl.pointer_type(gl.int32))
     VCw = VC.to(gl.pointer_type(gl.int32))
     lane = gl.arange(0, 32 * NW, layout=gl.BlockedLayout([1], [32], [NW], [0]))
+    if KO + VO > 0:
+        sm = shared_scratch(scratch(D, GQA, NG, NW, WT, KO, VO)[3], lane)
+        sink = sm + SINK
+        warp_l = sm + QS + lane // 32 * PER_WARP  # each warp's own part
+        zero_shared(warp_l, PER_WARP // 4, lane, sink)
+        zero_shared(sink + 8 + lane * 0, 2, lane, sink)
+        if KO > 0:  # q by channel and head
+            head_q = rq // NG
+            st_shared(gl.where((rq < GQA * NG) & (rq % NG == 0), sm + (chan_q * GQA + head_q) * 4, sink),
+                      q16.to(f32) * TOP)
+            ko_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NW, 1], [1, 0])
+            wo_k = gl.expand_dims(gl.arange(0, NW, layout=gl.SliceLayout(1, ko_l)), 1)
+            eo_k = gl.expand_dims(gl.arange(0, D * KO, layout=gl.SliceLayout(0, ko_l)), 0)
+            grp_k = (wo_k * WT) // G  # the warp's key group
+            corr_k = sm + QS + wo_k * PER_WARP
+            corr_m = sm + QS + wm * PER_WARP
+            corr_row = (tm * GQA + rm // NG) * 4
+        if VO > 0:
+            oc_m = sm + QS + wm * PER_WARP + 3 * CORR
+            n_o = along(D, 1, mma, 3)
+            chan_o, s_o = value_channel(n_o, D, BITS)
+            r_o = along(ROWS, 2, mma, 3)
+            oc_o = sm + QS + along(NW, 0, mma, 3) * PER_WARP + 3 * CORR + (chan_o * ROWS + r_o) * 8
+            oc_step = (1 << (BITS * s_o)).to(f32)  # acc is in units of the channel's code step
+        warp_sync(lane)
     ph_next = gl.load(TABLE + b * stride_tb + first, mask=first < last, other=0).to(gl.int64) * H_KV + h
     for p in range(first, last):
         ph = ph_next
@@ -497,6 +645,16 @@ def pages_kernel(
             bk = gl.load(KB + ph * LRB + bk_lane + bk_reg)
             bk = gl.convert_layout(stack(bk, gl.zeros_like(bk), 1), la, assert_trivial=True)
             qb = c_to_b(pack_pairs((mma_v2(bk, q16, gl.zeros([NW, 16, ROWS], f32, layout=mma)) * TOP).to(f16)), lb)
+        if KO > 0:  # each lane adds TOP q[head, c] v of its outliers to the corrections of their tokens
+            slot = ph * KOUT + grp_k * D * KO + eo_k
+            tw = grp_k * G + gl.load(KOI + slot).to(gl.int32) - wo_k * WT  # the token among the warp's
+            kv_o = gl.load(KOV + slot).to(f32)
+            at = gl.where((tw >= 0) & (tw < WT), corr_k + (p % 3) * CORR + tw * (GQA * 4), sink)
+            for hh in gl.static_range(GQA):
+                add_fixed(at + hh * 4, ld_shared(sm + ((eo_k // KO) * GQA + hh) * 4) * kv_o)
+            # the buffer of the page after this one, last read two pages ago (a warp_sync since)
+            zero_shared(warp_l + ((p + 1) % 3) * CORR, CORR // 4, lane, sink)
+            warp_sync(lane)
         for i in gl.static_range(WT // T):  # tiles of T tokens (fewer live registers than the whole page)
             # -- scores: s [T, ROWS] = key tile [T, D] . w^T [D, ROWS] (+ A_k (q B_k)^T)
             # every load of the tile first: none waits behind the branches below
@@ -515,6 +673,9 @@ def pages_kernel(
             kt = gl.convert_layout(gl.reshape(gl.permute(kt, (0, 5, 4, 3, 2, 1, 6)), (NW, T, D)), la,
                                    assert_trivial=True)
             s = mma_v2(kt, w16, c)  # TOP times the scores
+            if KO > 0:
+                s = s + get_fixed(gl.where(rm < GQA * NG, corr_m + (p % 3) * CORR + i * T * GQA * 4 + corr_row,
+                                           sink + 8))  # padding rows: a zero
             if pos0 < valid_from:  # a page that holds left padding (a branch the whole program takes or skips)
                 s = gl.where(pos0 + i * T + tok_m >= valid_from, s, float("-inf"))
             # -- online softmax, per warp. The running max moves only when a row's grows by more
@@ -528,8 +689,16 @@ def pages_kernel(
                 ps = ps * alpha
                 y = y * alpha
                 m_i = m_new
+                if VO > 0:  # the sums so far are in the old units, as acc was
+                    acc = fold_split(acc, oc_o, oc_step * alpha, lane)
             m_safe = gl.where(m_i == float("-inf"), 0.0, m_i)
-            pe, po = gl.split(gl.reshape(gl.exp2(s * C2 - gl.expand_dims(m_safe * C2, 1)), (NW, T, ROWS // 2, 2)))
+            p32 = gl.exp2(s * C2 - gl.expand_dims(m_safe * C2, 1))
+            if VO > 0:  # p . S_v: each lane adds p of its (token, row) slots times the token's outliers
+                for j in gl.static_range(VO):
+                    vslot = ph * VOUT + (i * T + tok_m) * VO + j
+                    chan_v = gl.load(VOI + vslot).to(gl.int32)
+                    add_split(oc_m + (chan_v * ROWS + rm) * 8, p32 * gl.load(VOV + vslot).to(f32))
+            pe, po = gl.split(gl.reshape(p32, (NW, T, ROWS // 2, 2)))
             pk = f16x2(pe, po)
             pv16 = c_to_b(mul_f16x2(pk, pack_pairs(vs)), lb)
             p16 = c_to_b(pk, lb)
@@ -546,6 +715,11 @@ def pages_kernel(
         bv = gl.convert_layout(stack(bv, gl.zeros_like(bv), 2), la, assert_trivial=True)
         acc = mma_v2(bv, c_to_b(pack_pairs(gl.where(x16 < 8, y, 0.0).to(f16)), lb), acc)
         y = gl.where(x16 < 8, 0.0, y)
+        if VO > 0:
+            if (p - first) % FOLD_PAGES == FOLD_PAGES - 1:
+                acc = fold_split(acc, oc_o, oc_step, lane)
+    if VO > 0:
+        acc = fold_split(acc, oc_o, oc_step, lane)
 
     # per warp: o = (acc - 1024 sum p') / step, then the warps merge
     ps_r = gl.max(ps, axis=1)
