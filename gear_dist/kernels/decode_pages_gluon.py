@@ -1,6 +1,6 @@
-"""The decode page loop in Gluon (Triton's explicit-layout dialect) for pages without outliers
-(kivi, gear_l; 2 or 4 bits): every tensor-core operand is built in registers in its operand layout,
-so a page goes from memory to the tensor cores with no shared memory and no barrier.
+"""The decode page loop in Gluon (Triton's explicit-layout dialect) for pages of 2 or 4 bits
+(kivi, gear_l, gear): every tensor-core operand is built in registers in its operand layout, so a
+page goes from memory to the tensor cores with no shared memory and no barrier (outliers aside).
 
 Same arithmetic as :func:`gear_dist.kernels.decode_attention._pages_kernel` (whose docstring gives
 the algebra), arranged around mma_v2's register layouts:
@@ -29,7 +29,13 @@ the algebra), arranged around mma_v2's register layouts:
   ``B = [B_v | group indicator]``), ``sum p`` as a ones row beside them;
 - every load of a tile is issued before the tile's branches (padding mask, lazy rescale), and the
   factor rows beyond the rank are loaded unmasked (finite values that meet exact zeros): a masked
-  load costs a second instruction that zeroes its register first.
+  load costs a second instruction that zeroes its register first;
+- outliers are added where they land, through a shared scratch that inline PTX declares
+  (:func:`shared_scratch`): a key outlier adds ``TOP v q[head, c]`` to its token's score
+  correction, read back after one warp barrier per page; a value outlier adds ``p v`` to its
+  channel's sum for the rows whose p the lane holds, folded into ``acc`` now and then. The sums are
+  integers (:func:`add_fixed`, :func:`add_split`): sm_90's only native shared atomic add (H100, 16
+  x 16k gear: Triton's loop 0.540 ms, this one 0.206).
 
 Gluon has no interpreter: CPU tests compile this kernel for sm_90 (every trivial-layout assertion is
 checked then); what it computes is tested on CUDA.
