@@ -333,8 +333,8 @@ def key_stat_offsets(layout: gl.constexpr, NW: gl.constexpr, D: gl.constexpr, BI
 @triton.constexpr_function
 def scratch(D, GQA, NG, NW, WT, KO, VO):
     """Bytes of the shared scratch for outliers (0 without): q (times TOP) by channel and head; per warp 3
-    rotating buffers of key corrections by token and head, a tile's p . S_v by channel and row (two
-    words each, add_split); 16 bytes where lanes with nothing to add add, and read a zero. Returns
+    rotating buffers of key corrections by token and head, p . S_v by channel and row since its last
+    fold into acc (two words each, add_split); 16 bytes where lanes with nothing to add add, and read a zero. Returns
     (q's bytes, a correction buffer's, a warp's, the whole)."""
     if KO + VO == 0:
         return 0, 0, 0, 0
@@ -383,16 +383,17 @@ def ld_shared(addr):
 # natively (fp32, fp16x2, bf16x2 and 64-bit adds are compare-and-swap loops, a branch each).
 @gluon.jit
 def add_fixed(addr, x):
-    """``*addr += x`` atomically, in steps of 2^-10 (+-2^21): a key's score correction, TOP times the score."""
+    """``*addr += x`` atomically, in steps of 2^-6 (+-2^25): a key's score correction, TOP times the
+    score (2^-12 of a score at 2 bits)."""
     return gl.inline_asm_elementwise("{ .reg .s32 t; cvt.rni.s32.f32 t, $2; red.shared.add.u32 [$1], t; }\n\t"
-                                     "mov.b32 $0, 0;", "=r,r,f", [addr, x * 1024.0], dtype=gl.int32,
+                                     "mov.b32 $0, 0;", "=r,r,f", [addr, x * 64.0], dtype=gl.int32,
                                      is_pure=False, pack=1)
 
 
 @gluon.jit
 def get_fixed(addr):
     return gl.inline_asm_elementwise("{ .reg .s32 t; ld.shared.s32 t, [$1]; cvt.rn.f32.s32 $0, t; }", "=f,r",
-                                     [addr], dtype=gl.float32, is_pure=False, pack=1) * (1.0 / 1024.0)
+                                     [addr], dtype=gl.float32, is_pure=False, pack=1) * (1.0 / 64.0)
 
 
 @gluon.jit
@@ -424,8 +425,11 @@ def fold_split(acc, at, step, lane):
     return acc
 
 
-FOLD_PAGES: gl.constexpr = gl.constexpr(16)  # pages between folds of p . S_v into acc: the words of
-# add_split stay within 32 bits for any fp16 outlier (h: 64 tokens x 256 x 65504 / 16 < 2^26 a page)
+@triton.constexpr_function
+def fold_pages(WT):
+    """Pages between folds of p . S_v into acc, so that add_split's words stay within 32 bits for
+    any fp16 outlier: a page adds at most WT terms to a sum, each |h| < 256 x 65504 / 16 < 2^20."""
+    return max(1, 2**30 // (WT * 2**20))
 
 
 @gluon.jit
@@ -722,7 +726,7 @@ def pages_kernel(
         acc = mma_v2(bv, c_to_b(pack_pairs(gl.where(x16 < 8, y, 0.0).to(f16)), lb), acc)
         y = gl.where(x16 < 8, 0.0, y)
         if VO > 0:
-            if (p - first) % FOLD_PAGES == FOLD_PAGES - 1:
+            if (p - first) % fold_pages(WT) == fold_pages(WT) - 1:
                 acc = fold_split(acc, oc_o, oc_step, lane)
     if VO > 0:
         acc = fold_split(acc, oc_o, oc_step, lane)
