@@ -707,7 +707,17 @@ def pages_kernel(
                 for j in gl.static_range(VO):
                     vslot = ph * VOUT + (i * T + tok_m) * VO + j
                     chan_v = gl.load(VOI + vslot).to(gl.int32)
-                    add_split(oc_m + (chan_v * ROWS + rm) * 8, p32 * gl.load(VOV + vslot).to(f32))
+                    pw = p32 * gl.load(VOV + vslot).to(f32)
+                    oc_at = oc_m + (chan_v * ROWS + rm) * 8
+                    if NG == 1:
+                        add_split(oc_at, pw)
+                    else:  # only the row of the channel's group keeps it: of a lane's two rows (one head,
+                        # groups 2k and 2k + 1) one at most, so one add per pair (of 0 where neither)
+                        pw = gl.where(chan_v // G == rm % NG, pw, 0.0)
+                        pw0, pw1 = gl.split(gl.reshape(pw, (NW, T, ROWS // 2, 2)))
+                        oc_at = oc_at + ((chan_v // G) % 2 - rm % 2) * 8  # the pair's row of that group
+                        oc_at0, oc_at1 = gl.split(gl.reshape(oc_at, (NW, T, ROWS // 2, 2)))
+                        add_split(oc_at0, pw0 + pw1)
             pe, po = gl.split(gl.reshape(p32, (NW, T, ROWS // 2, 2)))
             pk = f16x2(pe, po)
             pv16 = c_to_b(mul_f16x2(pk, pack_pairs(vs)), lb)
