@@ -21,9 +21,9 @@ Flash-decoding (Dao et al., 2023) with split-K over pages, per tile of ``TILE`` 
 
 One launch per page pool writes per-split partials (running max, sum, output); a second kernel
 merges them with the fp16 tail (fewer than ``block_size`` tokens) and normalises. On CUDA, pools
-without outliers take the same page loop written in Gluon instead (``decode_pages_gluon``,
-:func:`gluon_takes`): 2.7x as fast (H100, 16 x 16k gear_l, 2026-11-24); this one covers every
-format and Triton's interpreter.
+of 2 or 4 bits take the same page loop written in Gluon instead (``decode_pages_gluon``,
+:func:`gluon_takes`): 2.7x as fast for gear_l, 2.9x for gear (H100, 16 x 16k, 2026-11-24); this
+one covers every format and Triton's interpreter.
 
 File order as Triton's fused-attention tutorial: helpers, kernels, launcher, torch reference.
 """
@@ -42,7 +42,7 @@ import triton.language as tl
 from gear_dist.codec import decompress
 from gear_dist.kernels.launch import compiling, launch
 
-try:  # Triton's Gluon dialect (3.5+): the page loop for pages without outliers (decode_pages_gluon)
+try:  # Triton's Gluon dialect (3.5+): the page loop for 2- and 4-bit pages (decode_pages_gluon)
     from gear_dist.kernels import decode_pages_gluon
 except ImportError:
     decode_pages_gluon = None
