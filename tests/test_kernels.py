@@ -69,16 +69,17 @@ def test_rows_beyond_sixteen_and_any_warps(seed):
         gear_decode_attention(q, kv, 0.088, num_warps=3)
 
 
-GLUON = [("kivi", {}), ("gear_l", {}), ("gear_l", dict(bits=4)), ("gear_l", dict(group_size=32, rank=3)),
-         ("gear_l", dict(rank=3, rank_prefill=3)),  # odd rank in 64-token pages: factor rows not 4-byte aligned
-         ("gear", {}), ("gear", dict(bits=4, outlier_ratio=0.05)),  # outliers: 2 or 6 per row
-         ("gear", dict(rank=3, rank_prefill=3, outlier_ratio=0.05))]
+GLUON = [("kivi", {}, 4), ("gear_l", {}, 4), ("gear_l", dict(bits=4), 4), ("gear_l", dict(group_size=32, rank=3), 4),
+         ("gear_l", dict(rank=3, rank_prefill=3), 4),  # odd rank in 64-token pages: factor rows not 4-byte aligned
+         ("gear", {}, 4), ("gear", dict(bits=4, outlier_ratio=0.05), 4),  # outliers: 2 or 6 per row
+         ("gear", dict(rank=3, rank_prefill=3, outlier_ratio=0.05), 4),
+         ("gear", dict(group_size=32), 2)]  # 4 value groups: a lane's row pair may hold neither outlier's
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="Gluon has no interpreter: its page loop runs on CUDA only "
                     "(on a CPU test_kernels_compile_for_hopper compiles it)")
-@pytest.mark.parametrize("name, overrides", GLUON, ids=[f"{n}-{o}" for n, o in GLUON])
-def test_gluon_page_loop_matches_reference(seed, name, overrides):
+@pytest.mark.parametrize("name, overrides, gqa", GLUON, ids=[f"{n}-{o}-gqa{g}" for n, o, g in GLUON])
+def test_gluon_page_loop_matches_reference(seed, name, overrides, gqa):
     """Gluon's page loop (64-token pages, d=128: the formats it takes) against the reference, with
     left padding, two pools and a tail, for every warp count and tile it covers, and equal to
     Triton's loop."""
@@ -87,11 +88,11 @@ def test_gluon_page_loop_matches_reference(seed, name, overrides):
     cfg = CompressionConfig.preset(name, **overrides)
     layer = _filled_layer(cfg, batch=3, heads=2, tokens=420, d=128, pad=[0, 37, 130])
     kv = layer.paged()
-    q = torch.randn(3, 8, 128, device=DEVICE, dtype=DTYPE)
+    q = torch.randn(3, 2 * gqa, 128, device=DEVICE, dtype=DTYPE)
     ref = decode_attention_reference(q, kv, 0.088)
     triton_out = gear_decode_attention(q, kv, 0.088, page_kernel="triton")
     specs = kv.pools[0][0].specs
-    shapes = [(w, t) for w in (1, 2, 4) for t in (64, 32) if gluon_takes(specs["key"], specs["value"], 4, w, t)]
+    shapes = [(w, t) for w in (1, 2, 4) for t in (64, 32) if gluon_takes(specs["key"], specs["value"], gqa, w, t)]
     assert shapes
     for w, t in shapes:
         out = gear_decode_attention(q, kv, 0.088, num_warps=w, tile_tokens=t, page_kernel="gluon")
