@@ -171,7 +171,7 @@ def decode_timings(copy_gbps: float) -> list[dict]:
 
 
 KNOBS = [  # gear_decode_attention's tuning knobs, tried on the 16 x 16k case (the first is the default: Gluon's
-    # page loop for gear_l, Triton's for gear, each with its own warps and programs per SM)
+    # page loop for both gear_l and gear, with its own warps and programs per SM; page_kernel="triton" the other)
     {}, dict(page_kernel="triton"), dict(programs_per_sm=4), dict(programs_per_sm=8), dict(programs_per_sm=16),
     dict(programs_per_sm=64), dict(num_warps=1), dict(num_warps=2), dict(num_warps=4), dict(tile_tokens=32),
     dict(num_stages=1), dict(num_stages=2), dict(maxnreg=128), dict(maxnreg=168),

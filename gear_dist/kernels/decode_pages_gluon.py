@@ -474,8 +474,8 @@ def pages_kernel(
     MASK: gl.constexpr = ((1 << BITS) - 1) * 0x00010001
     # outliers (KO per key row: a channel along a key group's tokens; VO per value row: a token) go
     # through shared memory: q (times TOP) by channel and head; per warp 3 rotating buffers of key
-    # corrections by token and head (added to the scores), and a tile's p . S_v by channel and row
-    # (added to acc); sums as integers (add_fixed, add_split)
+    # corrections by token and head (added to the scores), and p . S_v by channel and row (folded
+    # into acc now and then); sums as integers (add_fixed, add_split)
     KOUT: gl.constexpr = PAGE // G * D * KO
     VOUT: gl.constexpr = PAGE * VO
     QS: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)[0]
@@ -595,6 +595,7 @@ def pages_kernel(
     vs_lane = tok_m_l * NG + rm_l % NG
     vs_reg = tok_m_r * NG + rm_r % NG
     x16 = along(16, 1, mma, 3)
+    chan_o, s_o = value_channel(along(D, 1, mma, 3), D, BITS)  # acc's channels and their code planes
 
     valid_from = gl.load(VALID_FROM + b)
     npages = gl.load(NPAGES + b)
@@ -627,10 +628,7 @@ def pages_kernel(
             corr_row = (tm * GQA + rm // NG) * 4
         if VO > 0:
             oc_m = sm + QS + wm * PER_WARP + 3 * CORR
-            n_o = along(D, 1, mma, 3)
-            chan_o, s_o = value_channel(n_o, D, BITS)
-            r_o = along(ROWS, 2, mma, 3)
-            oc_o = sm + QS + along(NW, 0, mma, 3) * PER_WARP + 3 * CORR + (chan_o * ROWS + r_o) * 8
+            oc_o = oc_m + (chan_o * ROWS + rm) * 8  # acc's entries
             oc_step = (1 << (BITS * s_o)).to(f32)  # acc is in units of the channel's code step
         warp_sync(lane)
     ph_next = gl.load(TABLE + b * stride_tb + first, mask=first < last, other=0).to(gl.int64) * H_KV + h
@@ -744,9 +742,7 @@ def pages_kernel(
     # per warp: o = (acc - 1024 sum p') / step, then the warps merge
     ps_r = gl.max(ps, axis=1)
     l_r = gl.sum(gl.where(x16 == 8, y, 0.0), axis=1)
-    nm = along(D, 1, mma, 3)
-    _, s_m = value_channel(nm, D, BITS)
-    o = (acc - 1024.0 * gl.expand_dims(ps_r, 1)) / gl.exp2((BITS * s_m).to(f32))
+    o = (acc - 1024.0 * gl.expand_dims(ps_r, 1)) / gl.exp2((BITS * s_o).to(f32))
     m_all = gl.max(m_i, axis=0)
     m_all_safe = gl.where(m_all == float("-inf"), 0.0, m_all)
     sc = gl.exp2((m_i - gl.expand_dims(m_all_safe, 0)) * C2)
