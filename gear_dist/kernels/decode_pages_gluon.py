@@ -381,19 +381,29 @@ def ld_shared(addr):
 
 # Sums in shared memory are integers: of its atomic adds sm_90 runs only the 32-bit integer one
 # natively (fp32, fp16x2, bf16x2 and 64-bit adds are compare-and-swap loops, a branch each).
+KFIX = gl.constexpr(64.0)  # steps of a key's score correction (TOP times the score): 2^-6, range +-2^25
+# (2^-12 of a score at 2 bits); the staged q carries the factor, so each add converts straight away
+
+
 @gluon.jit
 def add_fixed(addr, x):
-    """``*addr += x`` atomically, in steps of 2^-6 (+-2^25): a key's score correction, TOP times the
-    score (2^-12 of a score at 2 bits)."""
+    """``*addr += x`` atomically, ``x`` in steps of 1/KFIX already."""
     return gl.inline_asm_elementwise("{ .reg .s32 t; cvt.rni.s32.f32 t, $2; red.shared.add.u32 [$1], t; }\n\t"
-                                     "mov.b32 $0, 0;", "=r,r,f", [addr, x * 64.0], dtype=gl.int32,
-                                     is_pure=False, pack=1)
+                                     "mov.b32 $0, 0;", "=r,r,f", [addr, x], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
 def get_fixed(addr):
     return gl.inline_asm_elementwise("{ .reg .s32 t; ld.shared.s32 t, [$1]; cvt.rn.f32.s32 $0, t; }", "=f,r",
-                                     [addr], dtype=gl.float32, is_pure=False, pack=1) * (1.0 / 64.0)
+                                     [addr], dtype=gl.float32, is_pure=False, pack=1) * (1.0 / KFIX)
+
+
+@gluon.jit
+def evens(x, ROWS: gl.constexpr):
+    """The even rows of ``[NW, T, ROWS]`` (a lane's row pairs in the accumulator layout), as ``[NW, T, ROWS / 2]``
+    in the layout that splitting ``p`` into its pairs gives."""
+    e, o = gl.split(gl.reshape(x, (x.shape[0], x.shape[1], ROWS // 2, 2)))
+    return e
 
 
 @gluon.jit
@@ -615,10 +625,10 @@ def pages_kernel(
         warp_l = sm + QS + lane // 32 * PER_WARP  # each warp's own part
         zero_shared(warp_l, PER_WARP // 4, lane, sink)
         zero_shared(sink + 8 + lane * 0, 2, lane, sink)
-        if KO > 0:  # q by channel and head
+        if KO > 0:  # q by channel and head, in the corrections' fixed-point steps
             head_q = rq // NG
             st_shared(gl.where((rq < GQA * NG) & (rq % NG == 0), sm + (chan_q * GQA + head_q) * 4, sink),
-                      q16.to(f32) * TOP)
+                      q16.to(f32) * (TOP * KFIX))
             ko_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [NW, 1], [1, 0])
             wo_k = gl.expand_dims(gl.arange(0, NW, layout=gl.SliceLayout(1, ko_l)), 1)
             eo_k = gl.expand_dims(gl.arange(0, D * KO, layout=gl.SliceLayout(0, ko_l)), 0)
@@ -629,6 +639,10 @@ def pages_kernel(
         if VO > 0:
             oc_m = sm + QS + wm * PER_WARP + 3 * CORR
             oc_o = oc_m + (chan_o * ROWS + rm) * 8  # acc's entries
+            full = tm * 0 + rm * 0 + wm * 0  # [NW, T, ROWS] zeros: broadcasts an index to every slot
+            tok_e = evens(tok_m + full, ROWS)  # per lane's row pair: its token, even row, p . S_v's sums
+            r_e = evens(rm + full, ROWS)
+            oc_e = evens(oc_m + full, ROWS)
             oc_step = (1 << (BITS * s_o)).to(f32)  # acc is in units of the channel's code step
         warp_sync(lane)
     ph_next = gl.load(TABLE + b * stride_tb + first, mask=first < last, other=0).to(gl.int64) * H_KV + h
@@ -701,22 +715,23 @@ def pages_kernel(
                     acc = fold_split(acc, oc_o, oc_step * alpha, lane)
             m_safe = gl.where(m_i == float("-inf"), 0.0, m_i)
             p32 = gl.exp2(s * C2 - gl.expand_dims(m_safe * C2, 1))
+            pe, po = gl.split(gl.reshape(p32, (NW, T, ROWS // 2, 2)))
             if VO > 0:  # p . S_v: each lane adds p of its (token, row) slots times the token's outliers
                 for j in gl.static_range(VO):
-                    vslot = ph * VOUT + (i * T + tok_m) * VO + j
+                    vslot = ph * VOUT + (i * T + tok_e) * VO + j
                     chan_v = gl.load(VOI + vslot).to(gl.int32)
-                    pw = p32 * gl.load(VOV + vslot).to(f32)
-                    oc_at = oc_m + (chan_v * ROWS + rm) * 8
-                    if NG == 1:
-                        add_split(oc_at, pw)
-                    else:  # only the row of the channel's group keeps it: of a lane's two rows (one head,
-                        # groups 2k and 2k + 1) one at most, so one add per pair (of 0 where neither)
-                        pw = gl.where(chan_v // G == rm % NG, pw, 0.0)
-                        pw0, pw1 = gl.split(gl.reshape(pw, (NW, T, ROWS // 2, 2)))
-                        oc_at = oc_at + ((chan_v // G) % 2 - rm % 2) * 8  # the pair's row of that group
-                        oc_at0, oc_at1 = gl.split(gl.reshape(oc_at, (NW, T, ROWS // 2, 2)))
-                        add_split(oc_at0, pw0 + pw1)
-            pe, po = gl.split(gl.reshape(p32, (NW, T, ROWS // 2, 2)))
+                    w_v = gl.load(VOV + vslot).to(f32)
+                    at_v = oc_e + (chan_v * ROWS + r_e) * 8
+                    if NG == 1:  # the pair's rows are two heads: each keeps it
+                        add_split(at_v, pe * w_v)
+                        add_split(at_v + 8, po * w_v)
+                    else:  # only the row of the channel's group keeps it: of a pair (one head's groups
+                        # 2k, 2k + 1) one at most, so one add per pair (of 0 where neither)
+                        g_v = chan_v // G
+                        p_v = gl.where(g_v % 2 == 0, pe, po)
+                        if NG > 2:
+                            p_v = gl.where(g_v // 2 == (r_e % NG) // 2, p_v, 0.0)
+                        add_split(at_v + (g_v % 2) * 8, p_v * w_v)
             pk = f16x2(pe, po)
             pv16 = c_to_b(mul_f16x2(pk, pack_pairs(vs)), lb)
             p16 = c_to_b(pk, lb)
