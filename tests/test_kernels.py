@@ -261,9 +261,10 @@ def test_kernels_compile_for_hopper():
     import sys
 
     # every branch once: outliers + low rank, 3-bit codes that straddle bytes in bf16 (Triton's page
-    # loop); outliers, low rank, codes only, 2 and 4 bits (Gluon's, whose layout assertions hold only if it compiles)
+    # loop); outliers, low rank, codes only, 2 and 4 bits (Gluon's, whose layout assertions hold only if it
+    # compiles), 6 value outliers per token (not a power of two: Gluon's loop pads them to 8)
     variants = [("gear", {}, "float16"), ("gear", {"bits": 3}, "bfloat16"), ("kivi", {"bits": 4}, "float16"),
-                ("gear_l", {}, "bfloat16")]
+                ("gear_l", {}, "bfloat16"), ("gear", {"bits": 4, "outlier_ratio": 0.05}, "float16")]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"GEAR_DIST_KERNELS": "on"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, json.dumps(variants)], env=env,
                          capture_output=True, text=True, timeout=1200)
