@@ -174,7 +174,7 @@ KNOBS = [  # gear_decode_attention's tuning knobs, tried on the 16 x 16k case (t
     # page loop for both gear_l and gear, with its own warps and programs per SM; page_kernel="triton" the other)
     {}, dict(page_kernel="triton"), dict(programs_per_sm=4), dict(programs_per_sm=8), dict(programs_per_sm=16),
     dict(programs_per_sm=64), dict(num_warps=1), dict(num_warps=2), dict(num_warps=4), dict(tile_tokens=32),
-    dict(num_stages=1), dict(num_stages=2), dict(maxnreg=128), dict(maxnreg=168),
+    dict(tile_tokens=64), dict(num_stages=1), dict(num_stages=2), dict(maxnreg=128), dict(maxnreg=168),
     dict(maxnreg=152, programs_per_sm=13), dict(maxnreg=128, programs_per_sm=16),  # more one-warp programs per SM
 ]
 

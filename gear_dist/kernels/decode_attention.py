@@ -423,9 +423,17 @@ PAGE_KERNELS = ("auto", "gluon", "triton")
 # loop 1 (gear_l 0.203 ms; 2 warps 0.271, 4 warps 0.390), Triton's 2 (4 takes 1.5-1.7x as long)
 GLUON_WARPS, TRITON_WARPS = 1, 2
 GLUON_PROGRAMS, TRITON_PROGRAMS = 8, 16  # programs per SM (_num_splits): Gluon's, 254 registers x 32 threads, fit 8
+# tokens per tile by default: 64, or 32 for Gluon's loop on pages with outliers, where half as many registers
+# hold a tile's outliers across its softmax (H100, GPU ms, 2026-11-24: 2-bit gear 16 x 16k 0.1826 -> 0.181,
+# 8 x 32k 0.1833 -> 0.1803, 16 x 4k 0.069 -> 0.0676; 4-bit gear within 1% either way)
+TILE_TOKENS, GLUON_OUTLIER_TILE = 64, 32
 
 
-def gluon_takes(spec_k, spec_v, gqa: int, num_warps: int, tile_tokens: int = 64) -> bool:
+def default_tile(spec_k, spec_v, gluon: bool) -> int:
+    return GLUON_OUTLIER_TILE if gluon and spec_k.outliers_per_side + spec_v.outliers_per_side else TILE_TOKENS
+
+
+def gluon_takes(spec_k, spec_v, gqa: int, num_warps: int, tile_tokens: int | None = None) -> bool:
     """Whether the Gluon page loop covers a pool's format: 2 or 4 bits, at least 8 code words per
     row (its value layout puts words on 8 lanes), rank and value groups in the 8 extra rows, query
     rows in 16, each warp's tokens of a page inside one key group and taken in whole 16-token
@@ -433,7 +441,7 @@ def gluon_takes(spec_k, spec_v, gqa: int, num_warps: int, tile_tokens: int = 64)
     bits, d, page = spec_k.bits, spec_k.head_dim, spec_k.tokens
     ng = d // spec_v.tile[1]
     per_warp = page // num_warps
-    tile = min(tile_tokens, per_warp)
+    tile = min(tile_tokens or default_tile(spec_k, spec_v, True), per_warp)
     outliers = spec_k.outliers_per_side * 2, spec_v.outliers_per_side * 2
     return (decode_pages_gluon is not None and spec_k.rows[1] <= 256 and spec_v.rows[1] <= 256
             and decode_pages_gluon.scratch_fits(d, gqa, ng, num_warps, per_warp, *outliers)
@@ -443,12 +451,12 @@ def gluon_takes(spec_k, spec_v, gqa: int, num_warps: int, tile_tokens: int = 64)
 
 
 def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, programs_per_sm: int | None = None,
-                          num_warps: int | None = None, tile_tokens: int = 64, num_stages: int | None = None,
+                          num_warps: int | None = None, tile_tokens: int | None = None, num_stages: int | None = None,
                           maxnreg: int | None = None, page_kernel: str = "auto") -> torch.Tensor:
     """Attention of one query token per sequence, ``q [B, H_q, D]``, over a layer's GEAR
     pages and fp16 tail. Returns ``[B, H_q, D]`` in ``q``'s dtype. The keyword arguments are
-    tuning knobs (bench/kernel_bench.py sweeps them); ``tile_tokens`` is capped by the group size
-    (Triton's loop) or by a warp's tokens of a page (Gluon's).
+    tuning knobs (bench/kernel_bench.py sweeps them); ``tile_tokens`` (None: :func:`default_tile`) is capped by
+    the group size (Triton's loop) or by a warp's tokens of a page (Gluon's).
     ``page_kernel``: ``auto`` takes the Gluon page loop on CUDA for the formats it covers
     (:func:`gluon_takes`; ``num_stages`` does not apply to it), else the Triton
     one; ``gluon`` or ``triton`` force one (``gluon`` on a format it does not cover is an error).
@@ -483,7 +491,8 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         if page_kernel == "gluon" and not gluon:
             raise ValueError("page_kernel: 'gluon' needs CUDA, Triton's Gluon and a format gluon_takes() covers")
         per_sm = programs_per_sm or (GLUON_PROGRAMS if gluon else TRITON_PROGRAMS)
-        plans.append((pool, table, pos, npages, _num_splits(bsz * h_kv, maxp, q.device, per_sm), maxp, gluon))
+        tile = tile_tokens or default_tile(spec_k, spec_v, gluon)
+        plans.append((pool, table, pos, npages, _num_splits(bsz * h_kv, maxp, q.device, per_sm), maxp, gluon, tile))
     splits_total = max(1, sum(p[4] for p in plans))
     n = bsz * hq * splits_total  # partial results: one per (sequence, query head, split)
     partials = torch.empty(n * (d + 2), device=q.device, dtype=torch.float32)  # one allocation
@@ -493,7 +502,7 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
         lsum.zero_()
         acc.zero_()
     offset = 0
-    for pool, table, pos, npages, splits, maxp, gluon in plans:
+    for pool, table, pos, npages, splits, maxp, gluon, tile in plans:
         spec_k, spec_v = pool.specs["key"], pool.specs["value"]
         ng = d // spec_v.tile[1]  # value groups per token: rows of p per query head
         sk, sv = pool.storage["key"], pool.storage["value"]
@@ -511,11 +520,11 @@ def gear_decode_attention(q: torch.Tensor, kv: PagedKV, scale: float, *, program
                 *value, sv.get("outlier_values", blank), sv.get("outlier_index", blank), *tail)
         if gluon:
             launch(decode_pages_gluon.pages_kernel, (bsz * h_kv, splits), args, **shape, KO=ko, VO=vo,
-                   NW=warps, T=min(tile_tokens, spec_k.tokens // warps), num_warps=warps, maxnreg=maxnreg)
+                   NW=warps, T=min(tile, spec_k.tokens // warps), num_warps=warps, maxnreg=maxnreg)
         else:
             launch(_pages_kernel, (bsz * h_kv, splits), args, **shape,
                 M_PAD=max(16, _next_pow2(gqa * ng)), R_PAD=max(16, _next_pow2(rank)),
-                KO=ko, VO=vo, TILE=min(tile_tokens, spec_k.tile[0]), E_PAD=max(16, _next_pow2(ng + 1)),
+                KO=ko, VO=vo, TILE=min(tile, spec_k.tile[0]), E_PAD=max(16, _next_pow2(ng + 1)),
                 PTX=os.environ.get("TRITON_INTERPRET") != "1", num_warps=warps,
                 num_stages=num_stages if num_stages is not None else (1 if (ko or vo) and spec_k.bits >= 4 else None),
                 maxnreg=maxnreg,

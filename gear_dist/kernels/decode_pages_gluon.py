@@ -526,9 +526,6 @@ def pages_kernel(
     # into acc now and then); sums as integers (add_fixed, add_split)
     KOUT: gl.constexpr = PAGE // G * D * KO
     VOUT: gl.constexpr = PAGE * VO
-    # a tile's value outliers are loaded with its codes, before the branches, where registers allow: 4-bit
-    # tiles hold twice the code words (H100, 16 x 16k, GPU ms: 2-bit 0.188 -> 0.184; 4-bit 0.2265 -> 0.230)
-    VO_EARLY: gl.constexpr = BITS == 2
     QS: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)[0]
     CORR: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)[1]
     PER_WARP: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)[2]
@@ -727,7 +724,7 @@ def pages_kernel(
             vs = load_pairs(VS + ph * VSTAT + i * T * NG, vs_lane, vs_reg, vs_reg >= 0, 2, NG > 1)
             x_base = gl.where(cx < RANK, VA + ph * LRA + i * T * RANK, VZ + ph * VSTAT + i * T * NG)  # per lane
             xlo = gl.load(x_base + x_lane + x_reg)
-            if VO > 0 and VO_EARLY:
+            if VO > 0:  # the tile's value outliers, for p . S_v below
                 chans_v, ws_v = value_outliers(VOI, VOV, ph * VOUT, i * T + tok_e, VO)
             c = kbias
             if RANK > 0:
@@ -760,8 +757,6 @@ def pages_kernel(
             p32 = gl.exp2(s * C2 - gl.expand_dims(m_safe * C2, 1))
             pe, po = gl.split(gl.reshape(p32, (NW, T, ROWS // 2, 2)))
             if VO > 0:  # p . S_v: each lane adds p of its (token, row) slots times the token's outliers
-                if not VO_EARLY:
-                    chans_v, ws_v = value_outliers(VOI, VOV, ph * VOUT, i * T + tok_e, VO)
                 for j in gl.static_range(VO):
                     chan_v = pick(chans_v, j, tok_e)
                     w_v = pick(ws_v, j, tok_e)
