@@ -193,6 +193,9 @@ def tuning() -> list[dict]:
     return rows
 
 
+KNOBS_COMPRESS = [dict(maxnreg=0), dict(maxnreg=128), dict(num_warps=8), dict(num_warps=2)]  # maxnreg 0: the compiler's
+
+
 def compression_timings(decode_rows: list[dict]) -> list[dict]:
     """One decode block (64 tokens) for all heads of a layer at batch 64 through the kernel, vs
     that layer's decode attention at 64 x 4k; and a 16k-token prompt into prefill pages (torch
@@ -213,9 +216,9 @@ def compression_timings(decode_rows: list[dict]) -> list[dict]:
                          attention_ms=attn[name], fraction_of_attention=ms / attn[name],
                          kernel_fraction_of_attention=kernel / kernel_attn[name],
                          fraction_of_fp16_attention=ms / attn["fp16"]))
-        for cap in (0, 128):  # the register cap (0: the compiler's choice), GPU time only
-            kernel = device_ms(lambda: [compress_into_pool(x[k], k, pool, ids, maxnreg=cap) for k in x])  # noqa: B023
-            rows.append(dict(method=name, bits=cfg.bits, case=f"decode_block maxnreg={cap}", batch=64,
+        for knobs in KNOBS_COMPRESS:  # GPU time only
+            kernel = device_ms(lambda: [compress_into_pool(x[k], k, pool, ids, **knobs) for k in x])  # noqa: B023
+            rows.append(dict(method=name, bits=cfg.bits, case=f"decode_block {json.dumps(knobs)}", batch=64,
                              new_tokens=cfg.block_size, kernel_ms=kernel,
                              kernel_fraction_of_attention=kernel / kernel_attn[name]))
         pages = 16384 // cfg.prefill_block_size

@@ -235,13 +235,13 @@ def _start(d: int, cols: int, m_pad: int, seed: int, device: torch.device) -> to
 
 
 def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.Tensor,
-                       valid: torch.Tensor | None = None, *, maxnreg: int | None = None) -> None:
+                       valid: torch.Tensor | None = None, *, maxnreg: int | None = None, num_warps: int = 4) -> None:
     """Compress ``x [blocks, H, N, D]`` (keys or values) into ``pool``'s pages ``ids [blocks]``.
 
     ``valid [blocks, N]`` marks real tokens. Same result as ``codec.compress`` then
     ``pool.write`` (its reference), in one launch. ``maxnreg`` caps the registers per thread
-    (a tuning knob, bench/kernel_bench.py tries it): None picks 128 for low rank without
-    outliers, 0 leaves it to the compiler.
+    and ``num_warps`` sets a program's warps (tuning knobs, bench/kernel_bench.py tries them):
+    None picks 128 for low rank, 0 leaves it to the compiler.
     """
     spec = pool.specs[kind]
     cfg = pool.config
@@ -254,10 +254,12 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
         x = x.contiguous()
     cols = min(spec.rank + cfg.oversample, n, d)
     m_pad = max(16, _next_pow2(cols))
-    if maxnreg is None:  # low rank without outliers fits 4 programs per SM (a batch-64 layer in
-        # one wave) at 128 registers, spilling ~0.5 KB per thread: gear_l 0.128 -> 0.107 ms; with
-        # outliers the spills cost more than the wave saves (gear 0.167 -> 0.180; H100, 2026-11-23)
-        maxnreg = 128 if spec.rank and not spec.outliers_per_side else 0
+    if maxnreg is None:  # low rank fits 4 programs per SM (a batch-64 layer in one wave) at 128
+        # registers, spilling ~0.5 KB per thread. H100, K and V of a batch-64 block, GPU ms (2026-11-24):
+        # gear_l 0.143 -> 0.112, gear 0.201 -> 0.184 (so since 11-23's kernels: gear was exempt after one
+        # earlier measurement); kivi (no low rank) needs fewer. 4 warps: 8 take 0.147 / 0.188 capped,
+        # 2 take 0.130 / 0.198 uncapped
+        maxnreg = 128 if spec.rank else 0
     p0 = _start(d, cols if spec.rank else 0, m_pad, cfg.seed, x.device)
     parts = pool.storage[kind]
     dummy = parts["codes"]
@@ -270,5 +272,5 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
         H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits, IS_KEY=kind == "key", K=spec.outliers_per_side,
         RANK=spec.rank, COLS=cols, M_PAD=m_pad, R2=_next_pow2(spec.rank), ITERS=cfg.iters, RITZ=RITZ_STEPS,
         HAS_VALID=valid is not None, PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32",
-        num_warps=4, maxnreg=maxnreg or None,
+        num_warps=num_warps, maxnreg=maxnreg or None,
     )
