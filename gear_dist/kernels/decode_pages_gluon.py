@@ -34,8 +34,10 @@ the algebra), arranged around mma_v2's register layouts:
   (:func:`shared_scratch`): a key outlier adds ``TOP v q[head, c]`` to its token's score
   correction, read back after one warp barrier per page; a value outlier adds ``p v`` to its
   channel's sum for the rows whose p the lane holds, folded into ``acc`` now and then. The sums are
-  integers (:func:`add_fixed`, :func:`add_split`): sm_90's only native shared atomic add (H100, 16
-  x 16k gear: Triton's loop 0.540 ms, this one 0.191).
+  integers (:func:`add_fixed`, :func:`add_split`): sm_90's only native shared atomic add. A tile's
+  value outliers are loaded with its codes, held as one tensor per lane (:func:`spread`), and
+  pages with outliers take 32-token tiles by default (``decode_attention.default_tile``) so that
+  fewer registers hold them (H100, 16 x 16k gear: Triton's loop 0.540 ms, this one 0.181).
 
 Gluon has no interpreter: CPU tests compile this kernel for sm_90 (every trivial-layout assertion is
 checked then); what it computes is tested on CUDA.
