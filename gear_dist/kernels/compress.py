@@ -256,9 +256,9 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
     m_pad = max(16, _next_pow2(cols))
     if maxnreg is None:  # low rank fits 4 programs per SM (a batch-64 layer in one wave) at 128
         # registers, spilling ~0.5 KB per thread. H100, K and V of a batch-64 block, GPU ms (2026-11-24):
-        # gear_l 0.143 -> 0.112, gear 0.201 -> 0.184 (so since 11-23's kernels: gear was exempt after one
-        # earlier measurement); kivi (no low rank) needs fewer. 4 warps: 8 take 0.147 / 0.188 capped,
-        # 2 take 0.130 / 0.198 uncapped
+        # gear_l 0.143 -> 0.112, gear 0.201 -> 0.184 (gear was exempt after one earlier measurement, though
+        # every bench since 11-23 showed the cap faster); kivi (no low rank) needs fewer. 4 warps: 8 take
+        # 0.147 / 0.188 capped, 2 take 0.130 / 0.198 uncapped
         maxnreg = 128 if spec.rank else 0
     p0 = _start(d, cols if spec.rank else 0, m_pad, cfg.seed, x.device)
     parts = pool.storage[kind]

@@ -430,6 +430,7 @@ TILE_TOKENS, GLUON_OUTLIER_TILE = 64, 32
 
 
 def default_tile(spec_k, spec_v, gluon: bool) -> int:
+    """Tokens per tile when the caller names none (see the numbers above)."""
     return GLUON_OUTLIER_TILE if gluon and spec_k.outliers_per_side + spec_v.outliers_per_side else TILE_TOKENS
 
 
