@@ -52,3 +52,17 @@ def test_orthonormalize_handles_rank_deficiency(seed):
     gram = out.mT @ out
     torch.testing.assert_close(gram[..., :2, :2], torch.eye(2).expand(5, 2, 2), atol=1e-5, rtol=0)
     assert out[..., 2].abs().max() < 1e-4
+
+
+def test_fp16_safe_factors_fit_fp16_and_keep_the_product(seed):
+    """A block near fp16's largest values has singular values above them: B (which carries them)
+    would store inf. fp16_safe moves powers of two to A there, and leaves ordinary blocks as they are."""
+    e = torch.randn(2, 32, 64) * 2e4  # singular values ~1e6: B's entries ~1e5
+    a, b = lowrank.power_iteration(e, 2, iters=3, seed=seed)
+    assert b.half().isinf().any()
+    sa, sb = lowrank.fp16_safe(a, b)
+    assert sb.abs().max() < 2**16 and torch.isfinite(sa.half()).all()
+    assert torch.equal(sa @ sb.transpose(-1, -2), a @ b.transpose(-1, -2))  # powers of two: exact
+    small = torch.randn(2, 32, 64)
+    a, b = lowrank.power_iteration(small, 2, iters=3, seed=seed)
+    assert all(torch.equal(x, y) for x, y in zip(lowrank.fp16_safe(a, b), (a, b)))

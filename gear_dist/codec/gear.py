@@ -102,7 +102,7 @@ def compress(
         resid = xf - approx
         if keep is not None:
             resid = resid.masked_fill(~keep, 0.0)
-        a, b = lowrank.power_iteration(resid, rank, config.iters, config.seed, config.oversample)
+        a, b = lowrank.fp16_safe(*lowrank.power_iteration(resid, rank, config.iters, config.seed, config.oversample))
         block.lowrank_a, block.lowrank_b = a.half(), b.half()
         approx = approx + _lowrank(block)  # as stored (fp16 factors), so S corrects exactly that
 

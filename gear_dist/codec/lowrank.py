@@ -57,7 +57,12 @@ def power_iteration(
     3 passes within 1.02x (Halko, Martinsson & Tropp, 2011, §4.5). A is orthonormal and
     ``A B^T`` a projection of E, so ``||E - A B^T|| <= ||E||`` always holds.
     """
-    e = e.float()
+    # E times a power of two that puts its largest entry at 2^8 (exact; the GPU kernel does the
+    # same): Rayleigh-Ritz squares the Gram matrix, whose squared columns overflow fp32 for singular
+    # values above ~6e4 otherwise (a block near fp16's largest values), and the factors came out zero
+    top = e.float().abs().amax((-2, -1), keepdim=True)
+    up = torch.exp2(torch.clamp(8.0 - torch.ceil(torch.log2(torch.where(top > 0, top, 1.0))), max=100.0))
+    e = e.float() * up
     *lead, n, d = e.shape
     m = min(rank + oversample, n, d)
     p = init_basis(d, m, seed, e.device).expand(*lead, d, m)
@@ -65,7 +70,18 @@ def power_iteration(
         q = orthonormalize(e @ p)  # [..., n, m]
         p = e.transpose(-1, -2) @ q  # [..., d, m] = (Q^T E)^T
     w = top_eigenvectors(p.transpose(-1, -2) @ p, rank)  # [..., m, r]
-    return q @ w, p @ w
+    return q @ w, (p @ w) / up
+
+
+B_TOP = 15  # log2 of the largest entry B's columns keep (fp16 holds < 2^16: a 2x margin)
+
+
+def fp16_safe(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors with powers of two moved from B's columns to A's where B's would not fit fp16:
+    A is orthonormal and B carries the singular values, which for a block near fp16's largest
+    values exceed it. The product is unchanged exactly, and every other block is left as it is."""
+    shift = torch.exp2(torch.clamp(torch.ceil(torch.log2(b.abs().amax(-2, keepdim=True))) - B_TOP, min=0))
+    return a * shift, b / shift
 
 
 RITZ_STEPS = 8  # on the Gram matrix's square: the subspace of 16 steps on the matrix (8 land within 1.03x of eigh)

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gear_dist.codec.lowrank import RITZ_STEPS, init_basis
+from gear_dist.codec.lowrank import B_TOP, RITZ_STEPS, init_basis
 from gear_dist.kernels.launch import launch
 
 if TYPE_CHECKING:
@@ -85,6 +85,7 @@ def _compress_kernel(
     H: tl.constexpr, N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     IS_KEY: tl.constexpr, K: tl.constexpr, RANK: tl.constexpr, COLS: tl.constexpr, M_PAD: tl.constexpr,
     R2: tl.constexpr, ITERS: tl.constexpr, RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+    TOP_B: tl.constexpr,
 ):
     blk = tl.program_id(0)
     h = tl.program_id(1)
@@ -198,8 +199,11 @@ def _compress_kernel(
         for _ in range(RITZ):
             w = _orthonormalize(tl.sum(square[:, :, None] * w[None, :, :], axis=1), R2, RANK)
         w = tl.sum(w[:, :, None] * (r2[:, None] == cols[None, :])[None, :, :], axis=1)  # [M, M], zero-padded
-        a = tl.dot(q, w, input_precision=PREC).to(tl.float16)  # [N, M], columns >= RANK are zero
-        b = (tl.dot(p, w, input_precision=PREC) / up).to(tl.float16)  # [D, M]
+        b = tl.dot(p, w, input_precision=PREC) / up  # [D, M]
+        # powers of two from B's columns to A's where B's would not fit fp16 (codec.lowrank.fp16_safe)
+        shift = tl.exp2(tl.maximum(tl.ceil(tl.log2(tl.max(tl.abs(b), axis=0))) - TOP_B, 0.0))
+        a = (tl.dot(q, w, input_precision=PREC) * shift[None, :]).to(tl.float16)  # [N, M], columns >= RANK: 0
+        b = (b / shift[None, :]).to(tl.float16)
         rmask = (cols < RANK)[None, :]
         tl.store(LRA + ph * (N * RANK) + offs_t[:, None] * RANK + cols[None, :], a, mask=rmask)
         tl.store(LRB + ph * (D * RANK) + offs_d[:, None] * RANK + cols[None, :], b, mask=rmask)
@@ -270,7 +274,7 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
             parts.get("outlier_values", dummy), parts.get("outlier_index", dummy))
     launch(_compress_kernel, (nb, h), args,
         H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits, IS_KEY=kind == "key", K=spec.outliers_per_side,
-        RANK=spec.rank, COLS=cols, M_PAD=m_pad, R2=_next_pow2(spec.rank), ITERS=cfg.iters, RITZ=RITZ_STEPS,
+        RANK=spec.rank, COLS=cols, M_PAD=m_pad, R2=_next_pow2(spec.rank), ITERS=cfg.iters, RITZ=RITZ_STEPS, TOP_B=B_TOP,
         HAS_VALID=valid is not None, PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32",
         num_warps=num_warps, maxnreg=maxnreg or None,
     )
