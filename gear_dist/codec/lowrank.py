@@ -78,9 +78,10 @@ B_TOP = 15  # log2 of the largest entry B's columns keep (fp16 holds < 2^16: a 2
 
 def fp16_safe(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors with powers of two moved from B's columns to A's where B's would not fit fp16:
-    A is orthonormal and B carries the singular values, which for a block near fp16's largest
-    values exceed it. The product is unchanged exactly, and every other block is left as it is."""
-    shift = torch.exp2(torch.clamp(torch.ceil(torch.log2(b.abs().amax(-2, keepdim=True))) - B_TOP, min=0))
+    A is orthonormal and B carries the singular values (its column norms, which bound its entries),
+    which for a block near fp16's largest values exceed it. The product is unchanged exactly, and
+    every other block is left as it is."""
+    shift = torch.exp2(torch.clamp(torch.ceil(torch.log2(b.norm(dim=-2, keepdim=True))) - B_TOP, min=0))
     return a * shift, b / shift
 
 

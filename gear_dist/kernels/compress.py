@@ -200,8 +200,10 @@ def _compress_kernel(
             w = _orthonormalize(tl.sum(square[:, :, None] * w[None, :, :], axis=1), R2, RANK)
         w = tl.sum(w[:, :, None] * (r2[:, None] == cols[None, :])[None, :, :], axis=1)  # [M, M], zero-padded
         b = tl.dot(p, w, input_precision=PREC) / up  # [D, M]
-        # powers of two from B's columns to A's where B's would not fit fp16 (codec.lowrank.fp16_safe)
-        shift = tl.exp2(tl.maximum(tl.ceil(tl.log2(tl.max(tl.abs(b), axis=0))) - TOP_B, 0.0))
+        # powers of two from B's columns to A's where B's would not fit fp16 (codec.lowrank.fp16_safe),
+        # by B's column norms, w^T G w: from the small tensors, no reduction across warps
+        norm = tl.sqrt(tl.sum(w * tl.sum(gram[:, :, None] * w[None, :, :], axis=1), axis=0)) / up
+        shift = tl.exp2(tl.maximum(tl.ceil(tl.log2(norm)) - TOP_B, 0.0))
         a = (tl.dot(q, w, input_precision=PREC) * shift[None, :]).to(tl.float16)  # [N, M], columns >= RANK: 0
         b = (b / shift[None, :]).to(tl.float16)
         rmask = (cols < RANK)[None, :]
