@@ -59,6 +59,7 @@ def test_fp16_safe_factors_fit_fp16_and_keep_the_product(seed):
     would store inf. fp16_safe moves powers of two to A there, and leaves ordinary blocks as they are."""
     e = torch.randn(2, 32, 64) * 2e4  # singular values ~1e6: B's entries ~1e5
     a, b = lowrank.power_iteration(e, 2, iters=3, seed=seed)
+    assert (e - a @ b.mT).norm(dim=(-2, -1)).le(1.05 * _svd_error(e, 2)).all()  # fp32 Rayleigh-Ritz holds up
     assert b.half().isinf().any()
     sa, sb = lowrank.fp16_safe(a, b)
     assert sb.abs().max() < 2**16 and torch.isfinite(sa.half()).all()
