@@ -60,9 +60,10 @@ def power_iteration(
     # E times a power of two that puts its largest entry at 2^8 (exact; the GPU kernel does the
     # same): Rayleigh-Ritz squares the Gram matrix, whose squared columns overflow fp32 for singular
     # values above ~6e4 otherwise (a block near fp16's largest values), and the factors came out zero
-    top = e.float().abs().amax((-2, -1), keepdim=True)
+    e = e.float()
+    top = e.abs().amax((-2, -1), keepdim=True)
     up = torch.exp2(torch.clamp(8.0 - torch.ceil(torch.log2(torch.where(top > 0, top, 1.0))), max=100.0))
-    e = e.float() * up
+    e = e * up
     *lead, n, d = e.shape
     m = min(rank + oversample, n, d)
     p = init_basis(d, m, seed, e.device).expand(*lead, d, m)

@@ -440,8 +440,9 @@ def pick(x, j: gl.constexpr, like):
 def value_outliers(VOI, VOV, page, tok, VO: gl.constexpr):
     """The channels (int32) and values (fp32) of each ``tok``'s ``VO`` outliers (``page``: the page's first),
     as :func:`spread` holds them."""
-    slot = spread(tok * VO, pow2_at_least(VO))
-    ok = spread(gl.zeros_like(tok), pow2_at_least(VO)) < VO
+    N: gl.constexpr = pow2_at_least(VO)
+    slot = spread(tok * VO, N)
+    ok = spread(gl.zeros_like(tok), N) < VO
     return (gl.load(VOI + page + slot, mask=ok, other=0).to(gl.int32),
             gl.load(VOV + page + slot, mask=ok, other=0.0).to(gl.float32))
 
@@ -528,9 +529,10 @@ def pages_kernel(
     # into acc now and then); sums as integers (add_fixed, add_split)
     KOUT: gl.constexpr = PAGE // G * D * KO
     VOUT: gl.constexpr = PAGE * VO
-    QS: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)[0]
-    CORR: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)[1]
-    PER_WARP: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)[2]
+    SCR: gl.constexpr = scratch(D, GQA, NG, NW, WT, KO, VO)
+    QS: gl.constexpr = SCR[0]
+    CORR: gl.constexpr = SCR[1]
+    PER_WARP: gl.constexpr = SCR[2]
     SINK: gl.constexpr = QS + NW * PER_WARP  # 8 bytes added to where a lane has nothing to add, then 8 zero ones
     f16: gl.constexpr = gl.float16
     f32: gl.constexpr = gl.float32
@@ -660,7 +662,7 @@ def pages_kernel(
     VCw = VC.to(gl.pointer_type(gl.int32))
     lane = gl.arange(0, 32 * NW, layout=gl.BlockedLayout([1], [32], [NW], [0]))
     if KO + VO > 0:
-        sm = shared_scratch(scratch(D, GQA, NG, NW, WT, KO, VO)[3], lane)
+        sm = shared_scratch(SCR[3], lane)
         sink = sm + SINK
         warp_l = sm + QS + lane // 32 * PER_WARP  # each warp's own part
         zero_shared(warp_l, PER_WARP // 4, lane, sink)
