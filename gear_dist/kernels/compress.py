@@ -2,8 +2,8 @@
 
 Computes what ``codec.compress`` computes (its torch reference), for the KIVI backbone:
 outlier selection by iterated arg-max/arg-min, fp16 statistics with directed rounding, codes
-(floor(x + 0.5)) packed into the planar layout — all identical to the reference — then the low
-rank of the residual by subspace iteration with classical Gram-Schmidt (twice) on
+(by each group's reciprocal scale) packed into the planar layout — all identical to the
+reference — then the low rank of the residual by subspace iteration with classical Gram-Schmidt (twice) on
 ``r + oversample`` columns and Rayleigh-Ritz by power steps on the square of the small Gram
 matrix, and last the outlier corrections ``X - D - L`` of what is stored (so outliers stay
 exact). On the GPU the subspace iteration multiplies the residual in fp16, scaled by a power of
@@ -84,7 +84,7 @@ def _compress_kernel(
     CODES, SCALE, ZERO, LRA, LRB, OV, OI,
     H: tl.constexpr, N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     IS_KEY: tl.constexpr, K: tl.constexpr, RANK: tl.constexpr, COLS: tl.constexpr, M_PAD: tl.constexpr,
-    R2: tl.constexpr, ITERS: tl.constexpr, RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+    KOP: tl.constexpr, R2: tl.constexpr, ITERS: tl.constexpr, RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
     TOP_B: tl.constexpr,
 ):
     blk = tl.program_id(0)
@@ -107,21 +107,36 @@ def _compress_kernel(
     x = tl.where(ok, x, 0.0)  # padding may hold anything
 
     # -- outliers S: K largest, then K smallest per row by signed value (rows along tokens of a
-    #    group for keys, along channels for values); positions are stored at once
+    #    group for keys, along channels for values); positions are stored at once, and each pick's
+    #    position and value kept in small [rows, KOP] tensors (pick j in column j, KOP = KO
+    #    rounded up to a power of two) for its correction
+    picks = tl.arange(0, KOP)
     taken = (offs_t[:, None] < 0) & (offs_d[None, :] < 0)  # [N, D] all False
+    if IS_KEY:
+        pick_pos = tl.zeros([NG, D, KOP], tl.int32)
+        pick_x = tl.zeros([NG, D, KOP], tl.float32)
+    else:
+        pick_pos = tl.zeros([N, KOP], tl.int32)
+        pick_x = tl.zeros([N, KOP], tl.float32)
     for j in range(KO):
         sign = tl.where(j < K, 1.0, -1.0)  # top K first, then bottom K
         score = tl.where(taken, float("-inf"), tl.where(ok, sign * x, -3.4e38))
         if IS_KEY:
-            s3 = tl.reshape(score, (NG, G, D))
-            pos = tl.argmax(s3, axis=1)  # [NG, D]: token within the group
+            best, pos = tl.max(tl.reshape(score, (NG, G, D)), axis=1, return_indices=True,
+                               return_indices_tie_break_left=True)  # [NG, D]: token within the group
             hit = tl.reshape(tl.arange(0, G)[None, :, None] == pos[:, None, :], (N, D))
             rows = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
             tl.store(OI + ph * (NG * D * KO) + rows * KO + j, pos.to(tl.uint8))
+            at_j = (picks == j)[None, None, :]
+            pick_pos = tl.where(at_j, pos[:, :, None], pick_pos)
+            pick_x = tl.where(at_j, tl.where(best > -3e38, sign * best, 0.0)[:, :, None], pick_x)  # padding: 0
         else:
-            pos = tl.argmax(score, axis=1)  # [N]: channel
+            best, pos = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)  # [N]: channel
             hit = offs_d[None, :] == pos[:, None]
             tl.store(OI + ph * (N * KO) + offs_t * KO + j, pos.to(tl.uint8))
+            at_j = (picks == j)[None, :]
+            pick_pos = tl.where(at_j, pos[:, None], pick_pos)
+            pick_x = tl.where(at_j, tl.where(best > -3e38, sign * best, 0.0)[:, None], pick_x)
         taken = taken | hit
 
     # -- D: statistics over valid non-outliers, fp16 with directed rounding, codes
@@ -144,20 +159,33 @@ def _compress_kernel(
     scale = _fp16_up(tl.where(span > 0, tl.math.div_rn(span, tl.full(span.shape, LEVELS, tl.float32)), 1.0))
     zf = zero.to(tl.float32)
     sf = scale.to(tl.float32)
+    # codes floor((x - (zero - scale/2)) * (1/scale)) as codec.quant: one IEEE division per group, and
+    # no product that feeds a sum (the compiler would fuse it, rounding once where torch rounds twice)
+    base = zf - 0.5 * sf
+    inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
     if IS_KEY:
         stat = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
         tl.store(SCALE + ph * (NG * D) + stat, scale)
         tl.store(ZERO + ph * (NG * D) + stat, zero)
-        steps = tl.math.div_rn(x3 - zf[:, None, :], tl.broadcast_to(sf[:, None, :], (NG, G, D)))  # IEEE, as torch
-        codes3 = tl.minimum(tl.maximum(tl.floor(steps + 0.5), 0.0), LEVELS)
+        codes3 = tl.minimum(tl.maximum(tl.floor((x3 - base[:, None, :]) * inv[:, None, :]), 0.0), LEVELS)
         dq = tl.reshape(codes3 * sf[:, None, :] + zf[:, None, :], (N, D))
+        if K > 0:  # X - D at each pick, from its channel's statistics
+            code = tl.minimum(tl.maximum(tl.floor((pick_x - base[:, :, None]) * inv[:, :, None]), 0.0), LEVELS)
+            pick_res = pick_x - (code * sf[:, :, None] + zf[:, :, None])
     else:
         stat = offs_t[:, None] * DG + tl.arange(0, DG)[None, :]
         tl.store(SCALE + ph * (N * DG) + stat, scale)
         tl.store(ZERO + ph * (N * DG) + stat, zero)
-        steps = tl.math.div_rn(x3 - zf[:, :, None], tl.broadcast_to(sf[:, :, None], (N, DG, G)))
-        codes3 = tl.minimum(tl.maximum(tl.floor(steps + 0.5), 0.0), LEVELS)
+        codes3 = tl.minimum(tl.maximum(tl.floor((x3 - base[:, :, None]) * inv[:, :, None]), 0.0), LEVELS)
         dq = tl.reshape(codes3 * sf[:, :, None] + zf[:, :, None], (N, D))
+        if K > 0:  # X - D at each pick, from its channel group's statistics
+            group = (tl.arange(0, DG)[None, None, :] == (pick_pos // G)[:, :, None])  # [N, KOP, DG]
+            pb = tl.sum(tl.where(group, base[:, None, :], 0.0), axis=2)
+            pi = tl.sum(tl.where(group, inv[:, None, :], 0.0), axis=2)
+            ps = tl.sum(tl.where(group, sf[:, None, :], 0.0), axis=2)
+            pz = tl.sum(tl.where(group, zf[:, None, :], 0.0), axis=2)
+            code = tl.minimum(tl.maximum(tl.floor((pick_x - pb) * pi), 0.0), LEVELS)
+            pick_res = pick_x - (code * ps + pz)
     # -- planar packing: channel plane i, column j -> bits BITS*i of column j's word (8 planes of
     #    BITS bits: int32 up to 4 bits, which halves the registers the codes take)
     WORD: tl.constexpr = tl.int32 if BITS <= 4 else tl.int64
@@ -171,9 +199,9 @@ def _compress_kernel(
         tl.store(CODES + ph * (N * ROW) + offs_t[:, None] * ROW + k * W + tl.arange(0, W)[None, :], byte)
 
     # -- L: subspace iteration on the residual, Rayleigh-Ritz on the small Gram matrix
-    res = x - dq
+    low = tl.zeros([N, D], tl.float32)  # L as stored (fp16 factors), for the corrections
     if RANK > 0:
-        e = tl.where(use, res, 0.0)
+        e = tl.where(use, x - dq, 0.0)
         # on the GPU the residual in fp16 times a power of two that puts its largest entry at 2^8
         # (p stays well inside fp16): TF32's 10 mantissa bits, with half its tensor-core
         # instructions (k16 instead of k8) and operands half the size; p carries the scale until
@@ -209,21 +237,27 @@ def _compress_kernel(
         rmask = (cols < RANK)[None, :]
         tl.store(LRA + ph * (N * RANK) + offs_t[:, None] * RANK + cols[None, :], a, mask=rmask)
         tl.store(LRB + ph * (D * RANK) + offs_d[:, None] * RANK + cols[None, :], b, mask=rmask)
-        res = res - tl.dot(a, tl.trans(b)).to(tl.float32)  # what is stored, fp16 factors
+        low = tl.dot(a, tl.trans(b)).to(tl.float32)
 
-    # -- S: the correction X - D - L at each outlier (positions re-read after a barrier)
+    # -- S: the correction X - D - L at each outlier: X - D kept per pick, L gathered at its position
+    #    (the block's residual is not kept alive through the low rank: it spilled)
     if K > 0:
-        tl.debug_barrier()
         for j in range(KO):
             if IS_KEY:
+                at_j = (picks == j)[None, None, :]
+                pos = tl.sum(tl.where(at_j, pick_pos, 0), axis=2)  # [NG, D]
+                hit = tl.arange(0, G)[None, :, None] == pos[:, None, :]
+                corr = tl.sum(tl.where(at_j, pick_res, 0.0), axis=2)
+                if RANK > 0:
+                    corr = corr - tl.sum(tl.where(hit, tl.reshape(low, (NG, G, D)), 0.0), axis=1)
                 rows = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
-                pos = tl.load(OI + ph * (NG * D * KO) + rows * KO + j).to(tl.int32)
-                r3 = tl.reshape(res, (NG, G, D))
-                corr = tl.sum(tl.where(tl.arange(0, G)[None, :, None] == pos[:, None, :], r3, 0.0), axis=1)
                 tl.store(OV + ph * (NG * D * KO) + rows * KO + j, corr.to(tl.float16))
             else:
-                pos = tl.load(OI + ph * (N * KO) + offs_t * KO + j).to(tl.int32)
-                corr = tl.sum(tl.where(offs_d[None, :] == pos[:, None], res, 0.0), axis=1)
+                at_j = (picks == j)[None, :]
+                pos = tl.sum(tl.where(at_j, pick_pos, 0), axis=1)  # [N]
+                corr = tl.sum(tl.where(at_j, pick_res, 0.0), axis=1)
+                if RANK > 0:
+                    corr = corr - tl.sum(tl.where(offs_d[None, :] == pos[:, None], low, 0.0), axis=1)
                 tl.store(OV + ph * (N * KO) + offs_t * KO + j, corr.to(tl.float16))
 
 
@@ -276,6 +310,7 @@ def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.
             parts.get("outlier_values", dummy), parts.get("outlier_index", dummy))
     launch(_compress_kernel, (nb, h), args,
         H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits, IS_KEY=kind == "key", K=spec.outliers_per_side,
+        KOP=_next_pow2(max(2 * spec.outliers_per_side, 1)),
         RANK=spec.rank, COLS=cols, M_PAD=m_pad, R2=_next_pow2(spec.rank), ITERS=cfg.iters, RITZ=RITZ_STEPS, TOP_B=B_TOP,
         HAS_VALID=valid is not None, PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32",
         num_warps=num_warps, maxnreg=maxnreg or None,
