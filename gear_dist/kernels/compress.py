@@ -187,15 +187,19 @@ def _compress_kernel(
             code = tl.minimum(tl.maximum(tl.floor((pick_x - pb) * pi), 0.0), LEVELS)
             pick_res = pick_x - (code * ps + pz)
     # -- planar packing: channel plane i, column j -> bits BITS*i of column j's word (8 planes of
-    #    BITS bits: int32 up to 4 bits, which halves the registers the codes take)
+    #    BITS bits: int32 up to 4 bits, which halves the registers the codes take). A thread holds
+    #    adjacent columns of one plane and the planes sit in other lanes: CP columns' words are
+    #    summed across lanes together in one int32 where they fit (2-bit: two 16-bit words), half
+    #    the shuffles
     WORD: tl.constexpr = tl.int32 if BITS <= 4 else tl.int64
-    codes = tl.reshape(codes3, (N, D)).to(WORD)
+    CP: tl.constexpr = 32 // (8 * BITS) if BITS <= 4 else 1
     W: tl.constexpr = D // 8
     ROW: tl.constexpr = D * BITS // 8
-    planes = tl.reshape(codes, (N, 8, W))
-    word = tl.sum(planes << (BITS * tl.arange(0, 8))[None, :, None].to(WORD), axis=1)  # [N, W]
+    at = (8 * BITS * tl.arange(0, CP)).to(WORD)  # a column's word within the int32
+    planes = tl.reshape(codes3, (N, 8, W // CP, CP)).to(WORD) << (BITS * tl.arange(0, 8))[None, :, None, None].to(WORD)
+    words = tl.sum(tl.sum(planes << at[None, None, None, :], axis=3), axis=1)  # [N, W / CP]
     for k in range(BITS):
-        byte = ((word >> (8 * k)) & 255).to(tl.uint8)
+        byte = tl.reshape(((words[:, :, None] >> (at + 8 * k)[None, None, :]) & 255).to(tl.uint8), (N, W))
         tl.store(CODES + ph * (N * ROW) + offs_t[:, None] * ROW + k * W + tl.arange(0, W)[None, :], byte)
 
     # -- L: subspace iteration on the residual, Rayleigh-Ritz on the small Gram matrix
