@@ -109,38 +109,54 @@ def _compress_kernel(
     # -- outliers S: K largest, then K smallest per row by signed value (rows along tokens of a
     #    group for keys, along channels for values); positions are stored at once, and each pick's
     #    position and value kept in small [rows, KOP] tensors (pick j in column j, KOP = KO
-    #    rounded up to a power of two) for its correction
-    picks = tl.arange(0, KOP)
-    taken = (offs_t[:, None] < 0) & (offs_d[None, :] < 0)  # [N, D] all False
-    if IS_KEY:
-        pick_pos = tl.zeros([NG, D, KOP], tl.int32)
-        pick_x = tl.zeros([NG, D, KOP], tl.float32)
-    else:
-        pick_pos = tl.zeros([N, KOP], tl.int32)
-        pick_x = tl.zeros([N, KOP], tl.float32)
-    for j in range(KO):
-        sign = tl.where(j < K, 1.0, -1.0)  # top K first, then bottom K
-        score = tl.where(taken, float("-inf"), tl.where(ok, sign * x, -3.4e38))
+    #    rounded up to a power of two) for its correction. The picks run on a score tensor that
+    #    marks padding and taken entries by values below any data and replaces x meanwhile (a
+    #    boolean mask cost bit operations at every access; x beside the score spilled)
+    PAD: tl.constexpr = -3.4e38  # padding: picked only after every valid entry of its row
+    use = ok
+    if K > 0:
+        picks = tl.arange(0, KOP)
+        score = tl.where(ok, x, PAD)
         if IS_KEY:
-            best, pos = tl.max(tl.reshape(score, (NG, G, D)), axis=1, return_indices=True,
-                               return_indices_tie_break_left=True)  # [NG, D]: token within the group
-            hit = tl.reshape(tl.arange(0, G)[None, :, None] == pos[:, None, :], (N, D))
-            rows = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
-            tl.store(OI + ph * (NG * D * KO) + rows * KO + j, pos.to(tl.uint8))
-            at_j = (picks == j)[None, None, :]
-            pick_pos = tl.where(at_j, pos[:, :, None], pick_pos)
-            pick_x = tl.where(at_j, tl.where(best > -3e38, sign * best, 0.0)[:, :, None], pick_x)  # padding: 0
+            pick_pos = tl.zeros([NG, D, KOP], tl.int32)
+            pick_x = tl.zeros([NG, D, KOP], tl.float32)
         else:
-            best, pos = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)  # [N]: channel
-            hit = offs_d[None, :] == pos[:, None]
-            tl.store(OI + ph * (N * KO) + offs_t * KO + j, pos.to(tl.uint8))
-            at_j = (picks == j)[None, :]
-            pick_pos = tl.where(at_j, pos[:, None], pick_pos)
-            pick_x = tl.where(at_j, tl.where(best > -3e38, sign * best, 0.0)[:, None], pick_x)
-        taken = taken | hit
+            pick_pos = tl.zeros([N, KOP], tl.int32)
+            pick_x = tl.zeros([N, KOP], tl.float32)
+        for j in range(KO):
+            if j == K:  # the top K are taken: the bottom K are the top of -x
+                score = tl.where(score > PAD, -score, score)
+            sign = tl.where(j < K, 1.0, -1.0)
+            if IS_KEY:
+                best, pos = tl.max(tl.reshape(score, (NG, G, D)), axis=1, return_indices=True,
+                                   return_indices_tie_break_left=True)  # [NG, D]: token within the group
+                hit = tl.reshape(tl.arange(0, G)[None, :, None] == pos[:, None, :], (N, D))
+                rows = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
+                tl.store(OI + ph * (NG * D * KO) + rows * KO + j, pos.to(tl.uint8))
+                at_j = (picks == j)[None, None, :]
+                pick_pos = tl.where(at_j, pos[:, :, None], pick_pos)
+                pick_x = tl.where(at_j, tl.where(best > PAD, sign * best, 0.0)[:, :, None], pick_x)  # padding: 0
+            else:
+                best, pos = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)  # [N]: channel
+                hit = offs_d[None, :] == pos[:, None]
+                tl.store(OI + ph * (N * KO) + offs_t * KO + j, pos.to(tl.uint8))
+                at_j = (picks == j)[None, :]
+                pick_pos = tl.where(at_j, pos[:, None], pick_pos)
+                pick_x = tl.where(at_j, tl.where(best > PAD, sign * best, 0.0)[:, None], pick_x)
+            score = tl.where(hit, float("-inf"), score)
+        use = score > PAD
+        x = tl.where(use, -score, 0.0)  # x again: valid entries, then the picks (padding stays 0)
+        for j in range(KO):
+            if IS_KEY:
+                at_j = (picks == j)[None, None, :]
+                hit = tl.reshape(tl.arange(0, G)[None, :, None] == tl.sum(tl.where(at_j, pick_pos, 0), axis=2)[:, None, :], (N, D))
+                x = tl.where(hit, tl.reshape(tl.broadcast_to(tl.sum(tl.where(at_j, pick_x, 0.0), axis=2)[:, None, :], (NG, G, D)), (N, D)), x)
+            else:
+                at_j = (picks == j)[None, :]
+                hit = offs_d[None, :] == tl.sum(tl.where(at_j, pick_pos, 0), axis=1)[:, None]
+                x = tl.where(hit, tl.sum(tl.where(at_j, pick_x, 0.0), axis=1)[:, None], x)
 
     # -- D: statistics over valid non-outliers, fp16 with directed rounding, codes
-    use = ok & (taken == 0)
     if IS_KEY:
         x3 = tl.reshape(x, (NG, G, D))
         u3 = tl.reshape(use, (NG, G, D))
@@ -220,7 +236,12 @@ def _compress_kernel(
         p = tl.load(P0 + offs_d[:, None] * M_PAD + cols[None, :])  # [D, M] seeded start, zero-padded
         q = tl.zeros([N, M_PAD], tl.float32)
         for _ in range(ITERS):
-            q = _orthonormalize(tl.dot(e_op, p.to(OP)), M_PAD, COLS)  # [N, M]
+            q = tl.dot(e_op, p.to(OP))  # [N, M]
+            if 2 * COLS <= M_PAD:  # the real columns in half the width (the dot's least is 16): half the work
+                used, zero_cols = tl.split(tl.permute(tl.reshape(q, (N, 2, M_PAD // 2)), (0, 2, 1)))
+                q = tl.reshape(tl.permute(tl.join(_orthonormalize(used, M_PAD // 2, COLS), zero_cols), (0, 2, 1)), (N, M_PAD))
+            else:
+                q = _orthonormalize(q, M_PAD, COLS)
             p = tl.dot(tl.trans(e_op), q.to(OP))  # [D, M], times up
         gram = tl.dot(tl.trans(p), p, input_precision=PREC)  # [M, M]
         square = tl.dot(gram, gram, input_precision="ieee")  # its small eigenvalues need fp32 (codec.lowrank)
