@@ -90,7 +90,7 @@ def report(method: str, arch: int) -> list[dict]:
         loop = main_loop(code)
         ops = collections.Counter(op.split(".")[0] for _, op, _ in loop)
         meta = {kernel.src.fn.arg_names[i]: v for (i,), v in kernel.src.constants.items()}
-        role = {1: " (keys)", 0: " (values)"}.get(meta.get("IS_KEY"), "")  # compression runs once per kind
+        role = {"key": " (keys)", "value": " (values)", "both": " (keys and values)"}.get(meta.get("KINDS"), "")
         rows.append(dict(method=method, bits=cfg.bits, kernel=kernel.name + role,
                          num_warps=kernel.metadata.num_warps, instructions=len(code), loop_instructions=len(loop),
                          **usage, loop_top_ops=dict(ops.most_common(12)), constexprs=meta))

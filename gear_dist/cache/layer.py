@@ -281,10 +281,9 @@ class GearLayer(CacheLayerMixin):
         if kernels.active(self.device) and kernels.supports_compress(self.compression, n, d):
             from gear_dist.kernels.compress import compress_into_pool
 
-            for kind, t in (("key", self.tail_k), ("value", self.tail_v)):
-                compress_into_pool(blocks(t).reshape(b * count, h, n, d), kind, pool, ids.reshape(-1),
-                                   valid.reshape(b * count, n))
-            kernels.launches["compress"] += 2
+            keys, values = (blocks(t).reshape(b * count, h, n, d) for t in (self.tail_k, self.tail_v))
+            compress_into_pool(keys, values, pool, ids.reshape(-1), valid.reshape(b * count, n))
+            kernels.launches["compress"] += 1
         else:
             pool.write(ids, {kind: compress(blocks(t), kind, self.compression, pool.rank, valid)
                              for kind, t in (("key", self.tail_k), ("value", self.tail_v))})

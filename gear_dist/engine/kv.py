@@ -303,9 +303,8 @@ class StepLayer(CacheLayerMixin):
         elif kernels.active(k.device) and kernels.supports_compress(cfg, self.store.block, self.store.head_dim):
             from gear_dist.kernels.compress import compress_into_pool
 
-            for kind, x in (("key", k), ("value", v)):
-                compress_into_pool(x.contiguous(), kind, pool, page_ids)
-            kernels.launches["compress"] += 2
+            compress_into_pool(k, v, pool, page_ids)
+            kernels.launches["compress"] += 1
         else:
             pool.write(page_ids, {kind: compress(x, kind, cfg, cfg.rank) for kind, x in (("key", k), ("value", v))})
 

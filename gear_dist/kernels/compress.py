@@ -79,18 +79,14 @@ def _fp16_up(x):
 
 
 @triton.jit
-def _compress_kernel(
-    X, stride_xb, stride_xh, stride_xt, VALID, stride_vb, IDS, P0,
-    CODES, SCALE, ZERO, LRA, LRB, OV, OI,
-    H: tl.constexpr, N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+def _compress_block(
+    X, stride_xt, VALID, P0, CODES, SCALE, ZERO, LRA, LRB, OV, OI, ph,
+    N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     IS_KEY: tl.constexpr, K: tl.constexpr, RANK: tl.constexpr, COLS: tl.constexpr, M_PAD: tl.constexpr,
     KOP: tl.constexpr, R2: tl.constexpr, ITERS: tl.constexpr, RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
     TOP_B: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    h = tl.program_id(1)
-    page = tl.load(IDS + blk).to(tl.int64)
-    ph = page * H + h
+    """One head of one block, ``X [N, D]`` (rows ``stride_xt`` apart), into page-head ``ph``."""
     LEVELS: tl.constexpr = (1 << BITS) - 1
     NG: tl.constexpr = N // G  # key groups along tokens
     DG: tl.constexpr = D // G  # value groups along channels
@@ -98,9 +94,9 @@ def _compress_kernel(
 
     offs_t = tl.arange(0, N)
     offs_d = tl.arange(0, D)
-    x = tl.load(X + blk * stride_xb + h * stride_xh + offs_t[:, None] * stride_xt + offs_d[None, :]).to(tl.float32)
+    x = tl.load(X + offs_t[:, None] * stride_xt + offs_d[None, :]).to(tl.float32)
     if HAS_VALID:
-        tok_ok = tl.load(VALID + blk * stride_vb + offs_t).to(tl.int1)
+        tok_ok = tl.load(VALID + offs_t).to(tl.int1)
     else:
         tok_ok = offs_t >= 0
     ok = tok_ok[:, None] & (offs_d >= 0)[None, :]
@@ -286,6 +282,35 @@ def _compress_kernel(
                 tl.store(OV + ph * (N * KO) + offs_t * KO + j, corr.to(tl.float16))
 
 
+@triton.jit
+def _compress_kernel(
+    XK, XV, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, VALID, stride_valid, IDS, NB, P0,
+    K_CODES, K_SCALE, K_ZERO, K_LRA, K_LRB, K_OV, K_OI, V_CODES, V_SCALE, V_ZERO, V_LRA, V_LRB, V_OV, V_OI,
+    H: tl.constexpr, N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
+    K_KEY: tl.constexpr, KOP_KEY: tl.constexpr, K_VALUE: tl.constexpr, KOP_VALUE: tl.constexpr,
+    RANK: tl.constexpr, COLS: tl.constexpr, M_PAD: tl.constexpr, R2: tl.constexpr, ITERS: tl.constexpr,
+    RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr, TOP_B: tl.constexpr, KINDS: tl.constexpr,
+):
+    """The ``NB`` blocks' keys (``KINDS`` "key"), values ("value") or both ("both": programs
+    0..NB-1 take the keys, the next NB the values; only the compiled paths are in the binary)."""
+    pid = tl.program_id(0)
+    blk = pid % NB
+    h = tl.program_id(1)
+    ph = tl.load(IDS + blk).to(tl.int64) * H + h
+    valid = VALID + blk * stride_valid
+    if KINDS == "both":
+        keys = pid < NB
+    else:
+        keys: tl.constexpr = KINDS == "key"
+    if keys:
+        _compress_block(XK + blk * stride_kb + h * stride_kh, stride_kt, valid, P0,
+                        K_CODES, K_SCALE, K_ZERO, K_LRA, K_LRB, K_OV, K_OI, ph, N, D, G, BITS, True, K_KEY, RANK, COLS,
+                        M_PAD, KOP_KEY, R2, ITERS, RITZ, HAS_VALID, PREC, TOP_B)
+    else:
+        _compress_block(XV + blk * stride_vb + h * stride_vh, stride_vt, valid, P0,
+                        V_CODES, V_SCALE, V_ZERO, V_LRA, V_LRB, V_OV, V_OI, ph, N, D, G, BITS, False, K_VALUE, RANK,
+                        COLS, M_PAD, KOP_VALUE, R2, ITERS, RITZ, HAS_VALID, PREC, TOP_B)
+
 def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
 
@@ -299,44 +324,51 @@ def _start(d: int, cols: int, m_pad: int, seed: int, device: torch.device) -> to
     return p0
 
 
-def compress_into_pool(x: torch.Tensor, kind: str, pool: "PagePool", ids: torch.Tensor,
+def compress_into_pool(keys: torch.Tensor, values: torch.Tensor, pool: "PagePool", ids: torch.Tensor,
                        valid: torch.Tensor | None = None, *, maxnreg: int | None = None, num_warps: int = 4) -> None:
-    """Compress ``x [blocks, H, N, D]`` (keys or values) into ``pool``'s pages ``ids [blocks]``.
+    """Compress ``keys`` and ``values [blocks, H, N, D]`` into ``pool``'s pages ``ids [blocks]``.
 
     ``valid [blocks, N]`` marks real tokens. Same result as ``codec.compress`` then
-    ``pool.write`` (its reference), in one launch. ``maxnreg`` caps the registers per thread
-    and ``num_warps`` sets a program's warps (tuning knobs, bench/kernel_bench.py tries them):
-    None picks 128 for low rank, 0 leaves it to the compiler.
+    ``pool.write`` (its reference), in one launch (one per kind where there is low rank).
+    ``maxnreg`` caps the registers per thread and ``num_warps`` sets a program's warps (tuning
+    knobs, bench/kernel_bench.py tries them): None picks 128 for low rank, 0 leaves it to the
+    compiler.
     """
-    spec = pool.specs[kind]
     cfg = pool.config
-    nb, h, n, d = x.shape
     if cfg.backbone != "kivi" or cfg.bits == 16:
         raise ValueError("compress_into_pool: the GPU kernel implements the KIVI backbone")
-    if (n, d) != (spec.tokens, spec.head_dim) or h != pool.heads or spec.tile[0 if kind == "key" else 1] != cfg.group_size:
-        raise ValueError(f"compress_into_pool: blocks {tuple(x.shape)} do not match the pool's pages")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    cols = min(spec.rank + cfg.oversample, n, d)
+    key, value = pool.specs["key"], pool.specs["value"]
+    nb, h, n, d = keys.shape
+    if values.shape != keys.shape or (n, d) != (key.tokens, key.head_dim) or h != pool.heads \
+            or (key.tile[0], value.tile[1]) != (cfg.group_size, cfg.group_size):
+        raise ValueError(f"compress_into_pool: blocks {tuple(keys.shape)} and {tuple(values.shape)} "
+                         "do not match the pool's pages")
+    keys, values = (t if t.stride(-1) == 1 else t.contiguous() for t in (keys, values))
+    cols = min(key.rank + cfg.oversample, n, d)
     m_pad = max(16, _next_pow2(cols))
     if maxnreg is None:  # low rank fits 4 programs per SM (a batch-64 layer in one wave) at 128
         # registers, spilling ~0.5 KB per thread. H100, K and V of a batch-64 block, GPU ms (2026-11-24):
         # gear_l 0.143 -> 0.112, gear 0.201 -> 0.184 (gear was exempt after one earlier measurement, though
         # every bench since 11-23 showed the cap faster); kivi (no low rank) needs fewer. 4 warps: 8 take
         # 0.147 / 0.188 capped, 2 take 0.130 / 0.198 uncapped
-        maxnreg = 128 if spec.rank else 0
-    p0 = _start(d, cols if spec.rank else 0, m_pad, cfg.seed, x.device)
-    parts = pool.storage[kind]
-    dummy = parts["codes"]
+        maxnreg = 128 if key.rank else 0
+    p0 = _start(d, cols if key.rank else 0, m_pad, cfg.seed, keys.device)
+    dummy = pool.storage["key"]["codes"]
     valid_t = valid.to(torch.int8).contiguous() if valid is not None else dummy
-    args = (x, x.stride(0), x.stride(1), x.stride(2), valid_t, valid_t.stride(0) if valid is not None else 0,
-            ids.to(torch.int32).contiguous(), p0,
-            parts["codes"], parts["scale"], parts["zero"], parts.get("lowrank_a", dummy), parts.get("lowrank_b", dummy),
-            parts.get("outlier_values", dummy), parts.get("outlier_index", dummy))
-    launch(_compress_kernel, (nb, h), args,
-        H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits, IS_KEY=kind == "key", K=spec.outliers_per_side,
-        KOP=_next_pow2(max(2 * spec.outliers_per_side, 1)),
-        RANK=spec.rank, COLS=cols, M_PAD=m_pad, R2=_next_pow2(spec.rank), ITERS=cfg.iters, RITZ=RITZ_STEPS, TOP_B=B_TOP,
+    parts = [pool.storage[kind].get(name, dummy) for kind in ("key", "value")
+             for name in ("codes", "scale", "zero", "lowrank_a", "lowrank_b", "outlier_values", "outlier_index")]
+    args = (keys, values, *keys.stride()[:3], *values.stride()[:3], valid_t, valid_t.stride(0) if valid is not None else 0,
+            ids.to(torch.int32).contiguous(), nb, p0, *parts)
+    meta = dict(
+        H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits,
+        K_KEY=key.outliers_per_side, KOP_KEY=_next_pow2(max(2 * key.outliers_per_side, 1)),
+        K_VALUE=value.outliers_per_side, KOP_VALUE=_next_pow2(max(2 * value.outliers_per_side, 1)),
+        RANK=key.rank, COLS=cols, M_PAD=m_pad, R2=_next_pow2(key.rank), ITERS=cfg.iters, RITZ=RITZ_STEPS, TOP_B=B_TOP,
         HAS_VALID=valid is not None, PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32",
         num_warps=num_warps, maxnreg=maxnreg or None,
     )
+    # one launch for both kinds where there is no low rank; H100, K and V of a batch-64 block, GPU ms
+    # (2026-11-24): kivi 0.0314 -> 0.0241, but gear_l 0.0861 -> 0.0956 and gear 0.150 -> 0.161 (a
+    # binary with both low-rank paths spills more; programs alternating K and V: 0.098 / 0.167)
+    for kinds in ("key", "value") if key.rank else ("both",):
+        launch(_compress_kernel, (nb * (2 if kinds == "both" else 1), h), args, KINDS=kinds, **meta)
