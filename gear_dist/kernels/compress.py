@@ -354,11 +354,11 @@ def compress_into_pool(keys: torch.Tensor, values: torch.Tensor, pool: "PagePool
         maxnreg = 128 if key.rank else 0
     p0 = _start(d, cols if key.rank else 0, m_pad, cfg.seed, keys.device)
     dummy = pool.storage["key"]["codes"]
-    valid_t = valid.to(torch.int8).contiguous() if valid is not None else dummy
+    valid_t = valid.contiguous() if valid is not None else dummy  # ids and valid as given: a cast is a launch
     parts = [pool.storage[kind].get(name, dummy) for kind in ("key", "value")
              for name in ("codes", "scale", "zero", "lowrank_a", "lowrank_b", "outlier_values", "outlier_index")]
     args = (keys, values, *keys.stride()[:3], *values.stride()[:3], valid_t, valid_t.stride(0) if valid is not None else 0,
-            ids.to(torch.int32).contiguous(), nb, p0, *parts)
+            ids.contiguous(), nb, p0, *parts)
     meta = dict(
         H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits,
         K_KEY=key.outliers_per_side, KOP_KEY=_next_pow2(max(2 * key.outliers_per_side, 1)),
