@@ -215,7 +215,6 @@ def _compress_block(
         tl.store(CODES + ph * (N * ROW) + offs_t[:, None] * ROW + k * W + tl.arange(0, W)[None, :], byte)
 
     # -- L: subspace iteration on the residual, Rayleigh-Ritz on the small Gram matrix
-    low = tl.zeros([N, D], tl.float32)  # L as stored (fp16 factors), for the corrections
     if RANK > 0:
         e = tl.where(use, x - dq, 0.0)
         # on the GPU the residual in fp16 times a power of two that puts its largest entry at 2^8
@@ -258,27 +257,29 @@ def _compress_block(
         rmask = (cols < RANK)[None, :]
         tl.store(LRA + ph * (N * RANK) + offs_t[:, None] * RANK + cols[None, :], a, mask=rmask)
         tl.store(LRB + ph * (D * RANK) + offs_d[:, None] * RANK + cols[None, :], b, mask=rmask)
-        low = tl.dot(a, tl.trans(b)).to(tl.float32)
 
-    # -- S: the correction X - D - L at each outlier: X - D kept per pick, L gathered at its position
-    #    (the block's residual is not kept alive through the low rank: it spilled)
+    # -- S: the correction X - D - L at each outlier: X - D kept per pick (the block's residual kept
+    #    through the low rank spilled), L from the factors' rows at the pick, gathered by a product
+    #    with a one-hot matrix (exact; the whole of L beside the factors spilled too)
     if K > 0:
         for j in range(KO):
             if IS_KEY:
                 at_j = (picks == j)[None, None, :]
                 pos = tl.sum(tl.where(at_j, pick_pos, 0), axis=2)  # [NG, D]
-                hit = tl.arange(0, G)[None, :, None] == pos[:, None, :]
                 corr = tl.sum(tl.where(at_j, pick_res, 0.0), axis=2)
-                if RANK > 0:
-                    corr = corr - tl.sum(tl.where(hit, tl.reshape(low, (NG, G, D)), 0.0), axis=1)
+                if RANK > 0:  # A's row of each channel's pick
+                    onehot = tl.arange(0, N)[None, None, :] == (tl.arange(0, NG)[:, None] * G + pos)[:, :, None]
+                    a_rows = tl.reshape(tl.dot(tl.reshape(onehot.to(tl.float16), (NG * D, N)), a), (NG, D, M_PAD))
+                    corr = corr - tl.sum(a_rows * b.to(tl.float32)[None, :, :], axis=2)
                 rows = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
                 tl.store(OV + ph * (NG * D * KO) + rows * KO + j, corr.to(tl.float16))
             else:
                 at_j = (picks == j)[None, :]
                 pos = tl.sum(tl.where(at_j, pick_pos, 0), axis=1)  # [N]
                 corr = tl.sum(tl.where(at_j, pick_res, 0.0), axis=1)
-                if RANK > 0:
-                    corr = corr - tl.sum(tl.where(offs_d[None, :] == pos[:, None], low, 0.0), axis=1)
+                if RANK > 0:  # B's row of each token's pick
+                    b_rows = tl.dot((offs_d[None, :] == pos[:, None]).to(tl.float16), b)  # [N, M]
+                    corr = corr - tl.sum(a.to(tl.float32) * b_rows, axis=1)
                 tl.store(OV + ph * (N * KO) + offs_t * KO + j, corr.to(tl.float16))
 
 
