@@ -3,9 +3,9 @@
 Computes what ``codec.compress`` computes (its torch reference), for the KIVI backbone:
 outlier selection by iterated arg-max/arg-min, fp16 statistics with directed rounding, codes
 (by each group's reciprocal scale) packed into the planar layout — all identical to the
-reference — then the low rank of the residual by subspace iteration with classical Gram-Schmidt (twice) on
-``r + oversample`` columns and Rayleigh-Ritz by power steps on the square of the small Gram
-matrix, and last the outlier corrections ``X - D - L`` of what is stored (so outliers stay
+reference — then the low rank of the residual by subspace iteration with classical Gram-Schmidt
+(twice) on ``r + oversample`` columns and Rayleigh-Ritz by power steps on the square of the small
+Gram matrix, and last the outlier corrections ``X - D - L`` of what is stored (so outliers stay
 exact). On the GPU the subspace iteration multiplies the residual in fp16, scaled by a power of
 two, with fp32 sums (the 10 mantissa bits TF32 keeps; 3xTF32 cost 40% more time), and the Gram
 matrix in TF32: the factors are stored in fp16 anyway, and the decompressed block stays within
@@ -145,12 +145,13 @@ def _compress_block(
         for j in range(KO):
             if IS_KEY:
                 at_j = (picks == j)[None, None, :]
-                hit = tl.reshape(tl.arange(0, G)[None, :, None] == tl.sum(tl.where(at_j, pick_pos, 0), axis=2)[:, None, :], (N, D))
-                x = tl.where(hit, tl.reshape(tl.broadcast_to(tl.sum(tl.where(at_j, pick_x, 0.0), axis=2)[:, None, :], (NG, G, D)), (N, D)), x)
+                pos = tl.sum(tl.where(at_j, pick_pos, 0), axis=2)[:, None, :]  # [NG, 1, D]
+                value = tl.broadcast_to(tl.sum(tl.where(at_j, pick_x, 0.0), axis=2)[:, None, :], (NG, G, D))
+                x = tl.where(tl.reshape(tl.arange(0, G)[None, :, None] == pos, (N, D)), tl.reshape(value, (N, D)), x)
             else:
                 at_j = (picks == j)[None, :]
-                hit = offs_d[None, :] == tl.sum(tl.where(at_j, pick_pos, 0), axis=1)[:, None]
-                x = tl.where(hit, tl.sum(tl.where(at_j, pick_x, 0.0), axis=1)[:, None], x)
+                pos = tl.sum(tl.where(at_j, pick_pos, 0), axis=1)[:, None]  # [N, 1]
+                x = tl.where(offs_d[None, :] == pos, tl.sum(tl.where(at_j, pick_x, 0.0), axis=1)[:, None], x)
 
     # -- D: statistics over valid non-outliers, fp16 with directed rounding, codes
     if IS_KEY:
@@ -311,6 +312,7 @@ def _compress_kernel(
         _compress_block(XV + blk * stride_vb + h * stride_vh, stride_vt, valid, P0,
                         V_CODES, V_SCALE, V_ZERO, V_LRA, V_LRB, V_OV, V_OI, ph, N, D, G, BITS, False, K_VALUE, RANK,
                         COLS, M_PAD, KOP_VALUE, R2, ITERS, RITZ, HAS_VALID, PREC, TOP_B)
+
 
 def _next_pow2(x: int) -> int:
     return 1 << max(x - 1, 0).bit_length()
