@@ -105,7 +105,7 @@ def _compress_block(
     # -- outliers S: K largest, then K smallest per row by signed value (rows along tokens of a
     #    group for keys, along channels for values); positions are stored at once, and each pick's
     #    position and value kept in small [rows, KOP] tensors (pick j in column j, KOP = KO
-    #    rounded up to a power of two) for its correction. The picks run on a score tensor that
+    #    rounded up to a power of two) to rebuild x after. The picks run on a score tensor that
     #    marks padding and taken entries by values below any data and replaces x meanwhile (a
     #    boolean mask cost bit operations at every access; x beside the score spilled)
     PAD: tl.constexpr = -3.4e38  # padding: picked only after every valid entry of its row
@@ -182,23 +182,12 @@ def _compress_block(
         tl.store(ZERO + ph * (NG * D) + stat, zero)
         codes3 = tl.minimum(tl.maximum(tl.floor((x3 - base[:, None, :]) * inv[:, None, :]), 0.0), LEVELS)
         dq = tl.reshape(codes3 * sf[:, None, :] + zf[:, None, :], (N, D))
-        if K > 0:  # X - D at each pick, from its channel's statistics
-            code = tl.minimum(tl.maximum(tl.floor((pick_x - base[:, :, None]) * inv[:, :, None]), 0.0), LEVELS)
-            pick_res = pick_x - (code * sf[:, :, None] + zf[:, :, None])
     else:
         stat = offs_t[:, None] * DG + tl.arange(0, DG)[None, :]
         tl.store(SCALE + ph * (N * DG) + stat, scale)
         tl.store(ZERO + ph * (N * DG) + stat, zero)
         codes3 = tl.minimum(tl.maximum(tl.floor((x3 - base[:, :, None]) * inv[:, :, None]), 0.0), LEVELS)
         dq = tl.reshape(codes3 * sf[:, :, None] + zf[:, :, None], (N, D))
-        if K > 0:  # X - D at each pick, from its channel group's statistics
-            group = (tl.arange(0, DG)[None, None, :] == (pick_pos // G)[:, :, None])  # [N, KOP, DG]
-            pb = tl.sum(tl.where(group, base[:, None, :], 0.0), axis=2)
-            pi = tl.sum(tl.where(group, inv[:, None, :], 0.0), axis=2)
-            ps = tl.sum(tl.where(group, sf[:, None, :], 0.0), axis=2)
-            pz = tl.sum(tl.where(group, zf[:, None, :], 0.0), axis=2)
-            code = tl.minimum(tl.maximum(tl.floor((pick_x - pb) * pi), 0.0), LEVELS)
-            pick_res = pick_x - (code * ps + pz)
     # -- planar packing: channel plane i, column j -> bits BITS*i of column j's word (8 planes of
     #    BITS bits: int32 up to 4 bits, which halves the registers the codes take). A thread holds
     #    adjacent columns of one plane and the planes sit in other lanes: CP columns' words are
@@ -259,25 +248,38 @@ def _compress_block(
         tl.store(LRA + ph * (N * RANK) + offs_t[:, None] * RANK + cols[None, :], a, mask=rmask)
         tl.store(LRB + ph * (D * RANK) + offs_d[:, None] * RANK + cols[None, :], b, mask=rmask)
 
-    # -- S: the correction X - D - L at each outlier: X - D kept per pick (the block's residual kept
-    #    through the low rank spilled), L from the factors' rows at the pick, gathered by a product
-    #    with a one-hot matrix (exact; the whole of L beside the factors spilled too)
+    # -- S: the correction X - D - L at each outlier. Nothing of the picks is kept through the low
+    #    rank (the block's residual, then the picks' X - D, spilled there): positions, statistics and
+    #    X are read back (this program's own stores, behind a barrier; X from L2) and X - D computed
+    #    again as above; L comes from the factors' rows at the pick, gathered by a product with a
+    #    one-hot matrix (exact)
     if K > 0:
+        tl.debug_barrier()
         for j in range(KO):
             if IS_KEY:
-                at_j = (picks == j)[None, None, :]
-                pos = tl.sum(tl.where(at_j, pick_pos, 0), axis=2)  # [NG, D]
-                corr = tl.sum(tl.where(at_j, pick_res, 0.0), axis=2)
+                rows = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
+                pos = tl.load(OI + ph * (NG * D * KO) + rows * KO + j).to(tl.int32)  # [NG, D]
+                tok = tl.arange(0, NG)[:, None] * G + pos
+                xp = tl.load(X + tok * stride_xt + offs_d[None, :]).to(tl.float32)
+                sp = tl.load(SCALE + ph * (NG * D) + rows).to(tl.float32)
+                zp = tl.load(ZERO + ph * (NG * D) + rows).to(tl.float32)
+            else:
+                pos = tl.load(OI + ph * (N * KO) + offs_t * KO + j).to(tl.int32)  # [N]
+                tok = offs_t
+                xp = tl.load(X + offs_t * stride_xt + pos).to(tl.float32)
+                sp = tl.load(SCALE + ph * (N * DG) + offs_t * DG + pos // G).to(tl.float32)
+                zp = tl.load(ZERO + ph * (N * DG) + offs_t * DG + pos // G).to(tl.float32)
+            if HAS_VALID:
+                xp = tl.where(tl.load(VALID + tok).to(tl.int1), xp, 0.0)
+            code = tl.floor((xp - (zp - 0.5 * sp)) * tl.math.div_rn(tl.full(sp.shape, 1.0, tl.float32), sp))
+            corr = xp - (tl.minimum(tl.maximum(code, 0.0), LEVELS) * sp + zp)
+            if IS_KEY:
                 if RANK > 0:  # A's row of each channel's pick
-                    onehot = tl.arange(0, N)[None, None, :] == (tl.arange(0, NG)[:, None] * G + pos)[:, :, None]
+                    onehot = tl.arange(0, N)[None, None, :] == tok[:, :, None]
                     a_rows = tl.reshape(tl.dot(tl.reshape(onehot.to(tl.float16), (NG * D, N)), a), (NG, D, M_PAD))
                     corr = corr - tl.sum(a_rows * b.to(tl.float32)[None, :, :], axis=2)
-                rows = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
                 tl.store(OV + ph * (NG * D * KO) + rows * KO + j, corr.to(tl.float16))
             else:
-                at_j = (picks == j)[None, :]
-                pos = tl.sum(tl.where(at_j, pick_pos, 0), axis=1)  # [N]
-                corr = tl.sum(tl.where(at_j, pick_res, 0.0), axis=1)
                 if RANK > 0:  # B's row of each token's pick
                     b_rows = tl.dot((offs_d[None, :] == pos[:, None]).to(tl.float16), b)  # [N, M]
                     corr = corr - tl.sum(a.to(tl.float32) * b_rows, axis=1)
