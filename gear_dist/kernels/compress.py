@@ -79,11 +79,24 @@ def _fp16_up(x):
 
 
 @triton.jit
+def _code_grid(zero, scale):
+    """``zero - scale/2`` and ``1/scale`` (fp32), from which :func:`_codes` rounds half up as
+    codec.quant does: one IEEE division per group, and no product that feeds a sum (the compiler
+    would fuse it, rounding once where torch rounds twice)."""
+    return zero - 0.5 * scale, tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)
+
+
+@triton.jit
+def _codes(x, base, inv, LEVELS: tl.constexpr):
+    return tl.minimum(tl.maximum(tl.floor((x - base) * inv), 0.0), LEVELS)
+
+
+@triton.jit
 def _compress_block(
     X, stride_xt, VALID, P0, CODES, SCALE, ZERO, LRA, LRB, OV, OI, ph,
     N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
     IS_KEY: tl.constexpr, K: tl.constexpr, RANK: tl.constexpr, COLS: tl.constexpr, M_PAD: tl.constexpr,
-    KOP: tl.constexpr, R2: tl.constexpr, ITERS: tl.constexpr, RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
+    R2: tl.constexpr, ITERS: tl.constexpr, RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr,
     TOP_B: tl.constexpr,
 ):
     """One head of one block, ``X [N, D]`` (rows ``stride_xt`` apart), into page-head ``ph``."""
@@ -94,7 +107,8 @@ def _compress_block(
 
     offs_t = tl.arange(0, N)
     offs_d = tl.arange(0, D)
-    x = tl.load(X + offs_t[:, None] * stride_xt + offs_d[None, :]).to(tl.float32)
+    x_at = X + offs_t[:, None] * stride_xt + offs_d[None, :]
+    x = tl.load(x_at).to(tl.float32)
     if HAS_VALID:
         tok_ok = tl.load(VALID + offs_t).to(tl.int1)
     else:
@@ -103,55 +117,29 @@ def _compress_block(
     x = tl.where(ok, x, 0.0)  # padding may hold anything
 
     # -- outliers S: K largest, then K smallest per row by signed value (rows along tokens of a
-    #    group for keys, along channels for values); positions are stored at once, and each pick's
-    #    position and value kept in small [rows, KOP] tensors (pick j in column j, KOP = KO
-    #    rounded up to a power of two) to rebuild x after. The picks run on a score tensor that
-    #    marks padding and taken entries by values below any data and replaces x meanwhile (a
-    #    boolean mask cost bit operations at every access; x beside the score spilled)
+    #    group for keys, along channels for values); positions are stored at once. The picks run on
+    #    a score tensor that marks padding and taken entries by values below any data (a boolean
+    #    mask cost bit operations at every access), and x is read again after them (from L2: kept
+    #    beside the score, it spilled)
     PAD: tl.constexpr = -3.4e38  # padding: picked only after every valid entry of its row
     use = ok
     if K > 0:
-        picks = tl.arange(0, KOP)
         score = tl.where(ok, x, PAD)
-        if IS_KEY:
-            pick_pos = tl.zeros([NG, D, KOP], tl.int32)
-            pick_x = tl.zeros([NG, D, KOP], tl.float32)
-        else:
-            pick_pos = tl.zeros([N, KOP], tl.int32)
-            pick_x = tl.zeros([N, KOP], tl.float32)
         for j in range(KO):
             if j == K:  # the top K are taken: the bottom K are the top of -x
                 score = tl.where(score > PAD, -score, score)
-            sign = tl.where(j < K, 1.0, -1.0)
             if IS_KEY:
-                best, pos = tl.max(tl.reshape(score, (NG, G, D)), axis=1, return_indices=True,
-                                   return_indices_tie_break_left=True)  # [NG, D]: token within the group
+                pos = tl.argmax(tl.reshape(score, (NG, G, D)), axis=1)  # [NG, D]: token within the group
                 hit = tl.reshape(tl.arange(0, G)[None, :, None] == pos[:, None, :], (N, D))
                 rows = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
                 tl.store(OI + ph * (NG * D * KO) + rows * KO + j, pos.to(tl.uint8))
-                at_j = (picks == j)[None, None, :]
-                pick_pos = tl.where(at_j, pos[:, :, None], pick_pos)
-                pick_x = tl.where(at_j, tl.where(best > PAD, sign * best, 0.0)[:, :, None], pick_x)  # padding: 0
             else:
-                best, pos = tl.max(score, axis=1, return_indices=True, return_indices_tie_break_left=True)  # [N]: channel
+                pos = tl.argmax(score, axis=1)  # [N]: channel
                 hit = offs_d[None, :] == pos[:, None]
                 tl.store(OI + ph * (N * KO) + offs_t * KO + j, pos.to(tl.uint8))
-                at_j = (picks == j)[None, :]
-                pick_pos = tl.where(at_j, pos[:, None], pick_pos)
-                pick_x = tl.where(at_j, tl.where(best > PAD, sign * best, 0.0)[:, None], pick_x)
             score = tl.where(hit, float("-inf"), score)
         use = score > PAD
-        x = tl.where(use, -score, 0.0)  # x again: valid entries, then the picks (padding stays 0)
-        for j in range(KO):
-            if IS_KEY:
-                at_j = (picks == j)[None, None, :]
-                pos = tl.sum(tl.where(at_j, pick_pos, 0), axis=2)[:, None, :]  # [NG, 1, D]
-                value = tl.broadcast_to(tl.sum(tl.where(at_j, pick_x, 0.0), axis=2)[:, None, :], (NG, G, D))
-                x = tl.where(tl.reshape(tl.arange(0, G)[None, :, None] == pos, (N, D)), tl.reshape(value, (N, D)), x)
-            else:
-                at_j = (picks == j)[None, :]
-                pos = tl.sum(tl.where(at_j, pick_pos, 0), axis=1)[:, None]  # [N, 1]
-                x = tl.where(offs_d[None, :] == pos, tl.sum(tl.where(at_j, pick_x, 0.0), axis=1)[:, None], x)
+        x = tl.where(ok, tl.load(x_at).to(tl.float32), 0.0)
 
     # -- D: statistics over valid non-outliers, fp16 with directed rounding, codes
     if IS_KEY:
@@ -172,21 +160,18 @@ def _compress_block(
     scale = _fp16_up(tl.where(span > 0, tl.math.div_rn(span, tl.full(span.shape, LEVELS, tl.float32)), 1.0))
     zf = zero.to(tl.float32)
     sf = scale.to(tl.float32)
-    # codes floor((x - (zero - scale/2)) * (1/scale)) as codec.quant: one IEEE division per group, and
-    # no product that feeds a sum (the compiler would fuse it, rounding once where torch rounds twice)
-    base = zf - 0.5 * sf
-    inv = tl.math.div_rn(tl.full(sf.shape, 1.0, tl.float32), sf)
+    base, inv = _code_grid(zf, sf)
     if IS_KEY:
         stat = tl.arange(0, NG)[:, None] * D + offs_d[None, :]
         tl.store(SCALE + ph * (NG * D) + stat, scale)
         tl.store(ZERO + ph * (NG * D) + stat, zero)
-        codes3 = tl.minimum(tl.maximum(tl.floor((x3 - base[:, None, :]) * inv[:, None, :]), 0.0), LEVELS)
+        codes3 = _codes(x3, base[:, None, :], inv[:, None, :], LEVELS)
         dq = tl.reshape(codes3 * sf[:, None, :] + zf[:, None, :], (N, D))
     else:
         stat = offs_t[:, None] * DG + tl.arange(0, DG)[None, :]
         tl.store(SCALE + ph * (N * DG) + stat, scale)
         tl.store(ZERO + ph * (N * DG) + stat, zero)
-        codes3 = tl.minimum(tl.maximum(tl.floor((x3 - base[:, :, None]) * inv[:, :, None]), 0.0), LEVELS)
+        codes3 = _codes(x3, base[:, :, None], inv[:, :, None], LEVELS)
         dq = tl.reshape(codes3 * sf[:, :, None] + zf[:, :, None], (N, D))
     # -- planar packing: channel plane i, column j -> bits BITS*i of column j's word (8 planes of
     #    BITS bits: int32 up to 4 bits, which halves the registers the codes take). A thread holds
@@ -271,8 +256,8 @@ def _compress_block(
                 zp = tl.load(ZERO + ph * (N * DG) + offs_t * DG + pos // G).to(tl.float32)
             if HAS_VALID:
                 xp = tl.where(tl.load(VALID + tok).to(tl.int1), xp, 0.0)
-            code = tl.floor((xp - (zp - 0.5 * sp)) * tl.math.div_rn(tl.full(sp.shape, 1.0, tl.float32), sp))
-            corr = xp - (tl.minimum(tl.maximum(code, 0.0), LEVELS) * sp + zp)
+            pbase, pinv = _code_grid(zp, sp)
+            corr = xp - (_codes(xp, pbase, pinv, LEVELS) * sp + zp)
             if IS_KEY:
                 if RANK > 0:  # A's row of each channel's pick
                     onehot = tl.arange(0, N)[None, None, :] == tok[:, :, None]
@@ -291,7 +276,7 @@ def _compress_kernel(
     XK, XV, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt, VALID, stride_valid, IDS, NB, P0,
     K_CODES, K_SCALE, K_ZERO, K_LRA, K_LRB, K_OV, K_OI, V_CODES, V_SCALE, V_ZERO, V_LRA, V_LRB, V_OV, V_OI,
     H: tl.constexpr, N: tl.constexpr, D: tl.constexpr, G: tl.constexpr, BITS: tl.constexpr,
-    K_KEY: tl.constexpr, KOP_KEY: tl.constexpr, K_VALUE: tl.constexpr, KOP_VALUE: tl.constexpr,
+    K_KEY: tl.constexpr, K_VALUE: tl.constexpr,
     RANK: tl.constexpr, COLS: tl.constexpr, M_PAD: tl.constexpr, R2: tl.constexpr, ITERS: tl.constexpr,
     RITZ: tl.constexpr, HAS_VALID: tl.constexpr, PREC: tl.constexpr, TOP_B: tl.constexpr, KINDS: tl.constexpr,
 ):
@@ -309,11 +294,11 @@ def _compress_kernel(
     if keys:
         _compress_block(XK + blk * stride_kb + h * stride_kh, stride_kt, valid, P0,
                         K_CODES, K_SCALE, K_ZERO, K_LRA, K_LRB, K_OV, K_OI, ph, N, D, G, BITS, True, K_KEY, RANK, COLS,
-                        M_PAD, KOP_KEY, R2, ITERS, RITZ, HAS_VALID, PREC, TOP_B)
+                        M_PAD, R2, ITERS, RITZ, HAS_VALID, PREC, TOP_B)
     else:
         _compress_block(XV + blk * stride_vb + h * stride_vh, stride_vt, valid, P0,
                         V_CODES, V_SCALE, V_ZERO, V_LRA, V_LRB, V_OV, V_OI, ph, N, D, G, BITS, False, K_VALUE, RANK,
-                        COLS, M_PAD, KOP_VALUE, R2, ITERS, RITZ, HAS_VALID, PREC, TOP_B)
+                        COLS, M_PAD, R2, ITERS, RITZ, HAS_VALID, PREC, TOP_B)
 
 
 def _next_pow2(x: int) -> int:
@@ -366,8 +351,7 @@ def compress_into_pool(keys: torch.Tensor, values: torch.Tensor, pool: "PagePool
             ids.contiguous(), nb, p0, *parts)
     meta = dict(
         H=h, N=n, D=d, G=cfg.group_size, BITS=cfg.bits,
-        K_KEY=key.outliers_per_side, KOP_KEY=_next_pow2(max(2 * key.outliers_per_side, 1)),
-        K_VALUE=value.outliers_per_side, KOP_VALUE=_next_pow2(max(2 * value.outliers_per_side, 1)),
+        K_KEY=key.outliers_per_side, K_VALUE=value.outliers_per_side,
         RANK=key.rank, COLS=cols, M_PAD=m_pad, R2=_next_pow2(key.rank), ITERS=cfg.iters, RITZ=RITZ_STEPS, TOP_B=B_TOP,
         HAS_VALID=valid is not None, PREC="ieee" if os.environ.get("TRITON_INTERPRET") == "1" else "tf32",
         num_warps=num_warps, maxnreg=maxnreg or None,
