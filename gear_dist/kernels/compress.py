@@ -62,6 +62,17 @@ def _orthonormalize(q, M_PAD: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def _corner(t, S: tl.constexpr):
+    """``t[:S, :S]`` of a square ``t`` of side S or 2S."""
+    if S == t.shape[0]:
+        return t
+    quarters = tl.permute(tl.reshape(t, (2, S, 2, S)), (1, 3, 0, 2))  # [S, S, row half, column half]
+    left, _ = tl.split(quarters)
+    top, _ = tl.split(left)
+    return top
+
+
+@triton.jit
 def _fp16_down(x):
     """Largest fp16 <= x."""
     h = x.to(tl.float16)
@@ -89,6 +100,13 @@ def _code_grid(zero, scale):
 @triton.jit
 def _codes(x, base, inv, LEVELS: tl.constexpr):
     return tl.minimum(tl.maximum(tl.floor((x - base) * inv), 0.0), LEVELS)
+
+
+@triton.jit
+def _factor_rows(F, rows, RANK: tl.constexpr, R2: tl.constexpr):
+    """Rows ``rows`` (any shape) of a stored factor ``F [rows, RANK]`` (fp16) as fp32 ``[..., R2]``."""
+    r = tl.arange(0, R2)
+    return tl.load(F + tl.expand_dims(rows, len(rows.shape)) * RANK + r, mask=r < RANK, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -213,31 +231,35 @@ def _compress_block(
             else:
                 q = _orthonormalize(q, M_PAD, COLS)
             p = tl.dot(tl.trans(e_op), q.to(OP))  # [D, M], times up
-        gram = tl.dot(tl.trans(p), p, input_precision=PREC)  # [M, M]
-        square = tl.dot(gram, gram, input_precision="ieee")  # its small eigenvalues need fp32 (codec.lowrank)
-        # the Ritz vectors as [M, R2] (R2 = RANK rounded up to a power of two): a tensor this small
-        # sits whole in every warp, so its products and reductions never cross warps
+        # -- L, Rayleigh-Ritz: on the real columns' corner of the Gram matrix ([S, S]: S = M // 2
+        #    where they fit, as in the subspace iteration), its Ritz vectors as [S, R2] (R2 = RANK
+        #    rounded up to a power of two): the steps' products hold 4x fewer entries than on [M, M]
+        S: tl.constexpr = M_PAD // 2 if 2 * COLS <= M_PAD else M_PAD
+        gram = _corner(tl.dot(tl.trans(p), p, input_precision=PREC), S)
+        square = tl.sum(gram[:, :, None] * gram[None, :, :], axis=1)  # fp32: its small eigenvalues need it
         r2 = tl.arange(0, R2)
-        w = tl.where((cols[:, None] == r2[None, :]) & (r2[None, :] < RANK), 1.0, 0.0)
+        w = tl.where((tl.arange(0, S)[:, None] == r2[None, :]) & (r2[None, :] < RANK), 1.0, 0.0)
         for _ in range(RITZ):
             w = _orthonormalize(tl.sum(square[:, :, None] * w[None, :, :], axis=1), R2, RANK)
-        w = tl.sum(w[:, :, None] * (r2[:, None] == cols[None, :])[None, :, :], axis=1)  # [M, M], zero-padded
-        b = tl.dot(p, w, input_precision=PREC) / up  # [D, M]
         # powers of two from B's columns to A's where B's would not fit fp16 (codec.lowrank.fp16_safe),
         # by B's column norms, w^T G w: from the small tensors, no reduction across warps
-        norm = tl.sqrt(tl.sum(w * tl.sum(gram[:, :, None] * w[None, :, :], axis=1), axis=0)) / up
+        norm = tl.sqrt(tl.sum(w * tl.sum(gram[:, :, None] * w[None, :, :], axis=1), axis=0)) / up  # [R2]
         shift = tl.exp2(tl.maximum(tl.ceil(tl.log2(norm)) - TOP_B, 0.0))
+        to_cols = (r2[:, None] == cols[None, :]).to(tl.float32)  # [R2, M]: Ritz vector j into product column j
+        shift = 1.0 + tl.sum((shift - 1.0)[:, None] * to_cols, axis=0)  # [M]: 1 where no Ritz vector
+        w = tl.sum(w[:, :, None] * to_cols[None, :, :], axis=1)  # [S, M]
+        if S < M_PAD:  # rows S.. are zero
+            w = tl.reshape(tl.permute(tl.join(w, tl.zeros_like(w)), (2, 0, 1)), (M_PAD, M_PAD))
         a = (tl.dot(q, w, input_precision=PREC) * shift[None, :]).to(tl.float16)  # [N, M], columns >= RANK: 0
-        b = (b / shift[None, :]).to(tl.float16)
+        b = (tl.dot(p, w, input_precision=PREC) / up / shift[None, :]).to(tl.float16)  # [D, M]
         rmask = (cols < RANK)[None, :]
         tl.store(LRA + ph * (N * RANK) + offs_t[:, None] * RANK + cols[None, :], a, mask=rmask)
         tl.store(LRB + ph * (D * RANK) + offs_d[:, None] * RANK + cols[None, :], b, mask=rmask)
 
-    # -- S: the correction X - D - L at each outlier. Nothing of the picks is kept through the low
-    #    rank (the block's residual, then the picks' X - D, spilled there): positions, statistics and
-    #    X are read back (this program's own stores, behind a barrier; X from L2) and X - D computed
-    #    again as above; L comes from the factors' rows at the pick, gathered by a product with a
-    #    one-hot matrix (exact)
+    # -- S, corrections: X - D - L at each outlier. Nothing of the picks or the factors is kept
+    #    through the low rank (the block's residual, then the picks' X - D, spilled there):
+    #    positions, statistics, the factors' rows at the pick and X are read back (this program's
+    #    own stores, behind a barrier; X from L2), and X - D computed again as above
     if K > 0:
         tl.debug_barrier()
         for j in range(KO):
@@ -259,15 +281,16 @@ def _compress_block(
             pbase, pinv = _code_grid(zp, sp)
             corr = xp - (_codes(xp, pbase, pinv, LEVELS) * sp + zp)
             if IS_KEY:
-                if RANK > 0:  # A's row of each channel's pick
-                    onehot = tl.arange(0, N)[None, None, :] == tok[:, :, None]
-                    a_rows = tl.reshape(tl.dot(tl.reshape(onehot.to(tl.float16), (NG * D, N)), a), (NG, D, M_PAD))
-                    corr = corr - tl.sum(a_rows * b.to(tl.float32)[None, :, :], axis=2)
+                if RANK > 0:  # A's row of each channel's pick, B's row of each channel
+                    a_rows = _factor_rows(LRA + ph * (N * RANK), tok, RANK, R2)  # [NG, D, R2]
+                    b_rows = _factor_rows(LRB + ph * (D * RANK), offs_d, RANK, R2)  # [D, R2]
+                    corr = corr - tl.sum(a_rows * b_rows[None, :, :], axis=2)
                 tl.store(OV + ph * (NG * D * KO) + rows * KO + j, corr.to(tl.float16))
             else:
-                if RANK > 0:  # B's row of each token's pick
-                    b_rows = tl.dot((offs_d[None, :] == pos[:, None]).to(tl.float16), b)  # [N, M]
-                    corr = corr - tl.sum(a.to(tl.float32) * b_rows, axis=1)
+                if RANK > 0:  # A's row of each token, B's row of each token's pick
+                    a_rows = _factor_rows(LRA + ph * (N * RANK), offs_t, RANK, R2)  # [N, R2]
+                    b_rows = _factor_rows(LRB + ph * (D * RANK), pos, RANK, R2)
+                    corr = corr - tl.sum(a_rows * b_rows, axis=1)
                 tl.store(OV + ph * (N * KO) + offs_t * KO + j, corr.to(tl.float16))
 
 
