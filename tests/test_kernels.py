@@ -306,6 +306,35 @@ def test_sass_report_counts_the_widest_loop():
     assert main_loop(code[:2]) == []
 
 
+def test_compression_profile_attributes_instructions_to_phases():
+    """bench/profile_compress.py's bookkeeping: every ``# --`` section of the compression kernel is a
+    phase, in source order; an instruction of a helper (no phase of its own) counts towards the phase
+    before it; shares of instructions and stall samples sum to 100 per kernel."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from profile_compress import SOURCE, phase_of_line, per_phase, phases
+
+    of_line = phase_of_line()
+    order = list(dict.fromkeys(of_line[n] for n in sorted(of_line)))
+    assert order == ["load", "outliers S", "D", "planar packing", "L", "L, Rayleigh-Ritz", "S, corrections", "launch"]
+    helper = SOURCE.read_text().splitlines().index("def _orthonormalize(q, M_PAD: tl.constexpr, COLS: tl.constexpr):")
+    assert helper + 2 not in of_line
+    ritz = min(n for n, p in of_line.items() if p == "L, Rayleigh-Ritz")
+    listing = "\n".join([
+        f'\t//## File "{SOURCE}", line {ritz - 1}', "        /*0000*/                   HMMA.16816.F32 R8, R4, R6, R8 ;",
+        f'\t//## File "{SOURCE}", line {helper + 2}', "        /*0010*/                   SHFL.BFLY PT, R1, R2, 0x1, 0x1f ;",
+        '\t//## File "/x/triton/language/standard.py", line 263', "        /*0020*/                   FADD R1, R1, R2 ;",
+        f'\t//## File "{SOURCE}", line {ritz + 1}', "        /*0030*/                   FMUL R1, R1, R2 ;"])
+    at = phases(listing, of_line)
+    assert at == {0x00: "L", 0x10: "L", 0x20: "L", 0x30: "L, Rayleigh-Ritz"}
+    rows = [{"Address": hex(0x7F00 + a), "Instructions Executed": e, "Warp Stall Sampling (All Samples)": s,
+             "stall_short_sb": s, "stall_short_sb (Not Issued)": "9"} for a, e, s in
+            [(0x00, "2,048", "3"), (0x10, "6144", "5"), (0x20, "0", "0"), (0x30, "8192", "12")]]
+    shares = per_phase(rows, at)
+    assert [p["phase"] for p in shares] == ["L, Rayleigh-Ritz", "L"]  # most stall samples first
+    assert [p["instructions_pct"] for p in shares] == [50.0, 50.0]
+    assert [p["samples_pct"] for p in shares] == [60.0, 40.0] and shares[0]["stalls"] == {"short_sb": 100}
+
+
 @pytest.mark.slow
 def test_sass_report_on_the_decode_kernel(tmp_path):
     """bench/sass_report.py end to end for kivi (compiled here for sm_90): the (Gluon) page loop holds the
