@@ -45,6 +45,7 @@ KERNEL_METRICS = {  # ncu's name -> ours
     "Duration": "duration_us", "Executed Instructions": "warp_instructions", "Issue Slots Busy": "issue_busy_pct",
     "Warp Cycles Per Issued Instruction": "cycles_per_instruction", "Registers Per Thread": "registers",
     "Local Memory Spilling Requests": "spill_requests", "Achieved Occupancy": "occupancy_pct",
+    "SM Frequency": "sm_ghz", "SM Active Cycles": "active_cycles",
 }
 
 
