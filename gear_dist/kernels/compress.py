@@ -242,7 +242,7 @@ def _compress_block(
         for _ in range(RITZ):
             w = _orthonormalize(tl.sum(square[:, :, None] * w[None, :, :], axis=1), R2, RANK)
         # powers of two from B's columns to A's where B's would not fit fp16 (codec.lowrank.fp16_safe),
-        # by B's column norms, w^T G w: from the small tensors, no reduction across warps
+        # by B's column norms, w^T G w: from the small tensors, with no pass over B
         norm = tl.sqrt(tl.sum(w * tl.sum(gram[:, :, None] * w[None, :, :], axis=1), axis=0)) / up  # [R2]
         shift = tl.exp2(tl.maximum(tl.ceil(tl.log2(norm)) - TOP_B, 0.0))
         to_cols = (r2[:, None] == cols[None, :]).to(tl.float32)  # [R2, M]: Ritz vector j into product column j
